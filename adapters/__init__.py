@@ -1,0 +1,1 @@
+"""Platform adapters: each turns native messages into `bot.events.IncomingMessage`."""

@@ -1,0 +1,185 @@
+"""Settings: one typed class read from the environment and `.env`.
+
+Per-session settings (`/config set`) are described by `SESSION_SETTINGS`, which both
+validates the defaults here and the values users type in chat.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bot.errors import ConfigError
+from bot.ports import SettingValue
+
+ADMIN_PLATFORMS = ("telegram", "discord", "console")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "llm-chat-bot"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettingSpec:
+    """A key of `/config set`: its type and allowed range."""
+
+    name: str
+    kind: type[int] | type[float] | type[str]
+    minimum: float | None
+    maximum: float | None
+    help: str
+
+    def parse(self, raw: str) -> SettingValue:
+        """Parse and range-check a value typed by a user; raises `ValueError` with a
+        message fit for the user."""
+        raw = raw.strip()
+        if self.kind is str:
+            if not raw:
+                raise ValueError(f"{self.name} cannot be empty")
+            if self.maximum is not None and len(raw) > self.maximum:
+                raise ValueError(f"{self.name} is limited to {int(self.maximum)} characters")
+            return raw
+        try:
+            number: int | float = int(raw) if self.kind is int else float(raw)
+        except ValueError:
+            raise ValueError(f"{self.name} must be {self.describe_range()}") from None
+        if number != number or (self.minimum is not None and number < self.minimum) or (
+            self.maximum is not None and number > self.maximum
+        ):
+            raise ValueError(f"{self.name} must be {self.describe_range()}")
+        return number
+
+    def describe_range(self) -> str:
+        if self.kind is str:
+            return f"text of at most {int(self.maximum or 0)} characters"
+        noun = "a whole number" if self.kind is int else "a number"
+        lo = self.minimum if self.kind is float else int(self.minimum or 0)
+        hi = self.maximum if self.kind is float else int(self.maximum or 0)
+        return f"{noun} from {lo} to {hi}"
+
+
+SESSION_SETTINGS: dict[str, SessionSettingSpec] = {
+    s.name: s
+    for s in (
+        SessionSettingSpec("system_prompt", str, None, 2000, "the model's instructions"),
+        SessionSettingSpec("temperature", float, 0.0, 2.0, "randomness; 0 is greedy"),
+        SessionSettingSpec("top_p", float, 0.05, 1.0, "nucleus sampling cut-off"),
+        SessionSettingSpec("max_new_tokens", int, 1, 2048, "longest reply, in tokens"),
+        SessionSettingSpec("history_turns", int, 0, 200, "past messages the model sees"),
+    )
+}
+
+
+class Settings(BaseSettings):
+    """Every setting of the bot. Field names are the upper-case environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", env_ignore_empty=True, extra="ignore",
+        case_sensitive=False,
+    )
+
+    # Platforms
+    telegram_token: SecretStr | None = None
+    telegram_api_base: str = "https://api.telegram.org"
+    telegram_webhook_url: str | None = None
+    telegram_webhook_listen: str = "0.0.0.0"
+    telegram_webhook_port: int = Field(8443, ge=1, le=65535)
+    telegram_webhook_secret: SecretStr | None = None
+    telegram_edit_interval: float = Field(1.0, ge=0.0, le=60.0)
+
+    discord_token: SecretStr | None = None
+    discord_api_base: str = "https://discord.com/api/v10"
+    discord_gateway_url: str = "wss://gateway.discord.gg/"
+    discord_edit_interval: float = Field(1.2, ge=0.0, le=60.0)
+    discord_shard_count: int | None = Field(None, ge=1)
+    discord_attachment_max_bytes: int = Field(100_000, ge=0)
+
+    admin_ids: Annotated[frozenset[str], NoDecode] = frozenset()
+
+    # Storage
+    database_url: str = "sqlite+aiosqlite:///data/bot.db"
+
+    # Model
+    model: str | None = None
+    model_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    model_device: str = "cpu"
+    model_cache_dir: Path = Field(default_factory=default_cache_dir)
+    model_context_tokens: int = Field(2048, ge=64, le=1_000_000)
+    model_allow_download: bool = False
+    max_batch_size: int = Field(8, ge=1, le=256)
+    queue_size: int = Field(64, ge=1, le=10_000)
+
+    # Session defaults (each can be overridden per session with /config set)
+    system_prompt: str = "You are a helpful, friendly assistant. Answer briefly and clearly."
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    history_turns: int = 20
+
+    # Input and behaviour
+    max_input_chars: int = Field(4000, ge=1, le=100_000)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("admin_ids", mode="before")
+    @classmethod
+    def _parse_admin_ids(cls, raw: object) -> frozenset[str]:
+        if raw is None or raw == "":
+            return frozenset()
+        items = raw.split(",") if isinstance(raw, str) else list(raw)  # type: ignore[call-overload]
+        out: set[str] = set()
+        for item in items:
+            entry = str(item).strip()
+            if not entry:
+                continue
+            platform, sep, user = entry.partition(":")
+            if not sep or platform.strip().lower() not in ADMIN_PLATFORMS or not user.strip():
+                raise ValueError(
+                    f"entry {entry!r} is not like telegram:123 or discord:456"
+                )
+            out.add(f"{platform.strip().lower()}:{user.strip()}")
+        return frozenset(out)
+
+    @field_validator("system_prompt", "temperature", "top_p", "max_new_tokens", "history_turns")
+    @classmethod
+    def _check_session_default(cls, value: SettingValue, info: object) -> SettingValue:
+        name = getattr(info, "field_name", "")
+        SESSION_SETTINGS[name].parse(str(value))
+        return value
+
+    @field_validator("telegram_api_base", "discord_api_base")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_db(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("must be a SQLAlchemy URL like sqlite+aiosqlite:///data/bot.db")
+        return value
+
+    def session_defaults(self) -> dict[str, SettingValue]:
+        return {name: getattr(self, name) for name in SESSION_SETTINGS}
+
+    def is_admin(self, sender: str) -> bool:
+        """`sender` as `platform:user_id`. The terminal's local user is always an admin."""
+        return sender.startswith("console:") or sender in self.admin_ids
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings, turning validation errors into one `ConfigError` naming the setting."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]).upper() if err.get("loc") else "settings"
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        raise ConfigError(name, msg) from None

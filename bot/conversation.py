@@ -1,0 +1,284 @@
+"""The conversation manager: per-conversation ordering, the turn, failure handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import unicodedata
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from bot.commands import CommandRunner, SessionControl, parse_command
+from bot.config import Settings
+from bot.errors import (
+    BotError,
+    BusyError,
+    CommandError,
+    DeliveryError,
+    GenerationError,
+    InputRejected,
+)
+from bot.events import ConversationKey, IncomingMessage
+from bot.ports import GenerationParams, Generator, ReplyTarget, Repository, SamplingParams
+from bot.prompt import build_prompt
+from bot.streaming import ReplyStreamer
+
+logger = logging.getLogger(__name__)
+
+TYPING_RENEW_S = 4.0  # Telegram shows "typing" for 5 s, Discord for 10 s
+MAX_WAITING_PER_CONVERSATION = 5
+EMPTY_REPLY = "(I have no answer to that.)"
+STOPPED_SUFFIX = " … [stopped]"
+
+
+@dataclass(slots=True)
+class _Turn:
+    event: IncomingMessage
+    target: ReplyTarget
+    done: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Conversation:
+    waiting: deque[_Turn] = field(default_factory=deque)
+    runner: asyncio.Task[None] | None = None
+    current: asyncio.Task[None] | None = None
+
+
+def looks_binary(text: str) -> bool:
+    """Text with NULs, or mostly control characters, is binary data pasted as text."""
+    if "\x00" in text:
+        return True
+    controls = sum(1 for c in text if unicodedata.category(c) == "Cc" and c not in "\n\r\t")
+    return controls > max(2, len(text) // 10)
+
+
+class ConversationManager:
+    """Handles every incoming message of every platform.
+
+    Messages of one conversation are handled strictly in arrival order; different
+    conversations run concurrently. Commands run at once (a `/reset` stops a reply in
+    progress). Use as `async with manager:`; leaving stops every conversation.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        repository: Repository,
+        generator: Generator,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._repo = repository
+        self._generator = generator
+        self._clock = clock
+        self._conversations: dict[ConversationKey, _Conversation] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.commands = CommandRunner(
+            settings, repository, generator, SessionControl(stop=self.stop, queue_stats=self._queue_stats)
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop every conversation (replies in progress end with a note) and wait."""
+        self._closing = True
+        await self.stop(lambda _key: True)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ entry point
+
+    async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
+        """Handle one message; returns when its reply is complete. Never raises
+        `BotError`: the user gets an explanation and the log the details."""
+        if not event.addressed_to_bot or self._closing:
+            return
+        try:
+            command = parse_command(event.text)
+            if command is not None:
+                await self._reply(target, await self.commands.run(command, event, target))
+                return
+            self._check_input(event.text)
+        except CommandError as exc:
+            logger.info("%s from %s: %s", type(exc).__name__, event.sender, exc)
+            await self._reply(target, exc.user_message)
+            return
+        except BotError as exc:
+            logger.exception("command from %s failed", event.sender)
+            await self._reply(target, exc.user_message)
+            return
+        if not event.text.strip():
+            await self._reply(target, "Send me a message and I'll answer. /help lists the commands.")
+            return
+        await self._enqueue(event, target)
+
+    def _check_input(self, text: str) -> None:
+        if len(text) > self._settings.max_input_chars:
+            raise InputRejected(
+                f"Your message is too long ({len(text)} characters); "
+                f"the limit is {self._settings.max_input_chars}."
+            )
+        if looks_binary(text):
+            raise InputRejected("That looks like binary data. I can only read text.")
+
+    async def _reply(self, target: ReplyTarget, text: str) -> None:
+        """Send a short notice; a platform failure is logged, never raised."""
+        try:
+            await ReplyStreamer(target).finish(text)
+        except DeliveryError as exc:
+            logger.warning("could not deliver a notice: %s", exc)
+
+    # ------------------------------------------------------------------ ordering
+
+    async def _enqueue(self, event: IncomingMessage, target: ReplyTarget) -> None:
+        key = event.key
+        conv = self._conversations.setdefault(key, _Conversation())
+        if len(conv.waiting) >= MAX_WAITING_PER_CONVERSATION:
+            await self._reply(target, "You're writing faster than I can answer. Please wait for my replies.")
+            return
+        turn = _Turn(event, target, asyncio.get_running_loop().create_future())
+        conv.waiting.append(turn)
+        if conv.runner is None:
+            conv.runner = self._spawn(self._run_conversation(key, conv), f"conversation:{key}")
+        # The caller being cancelled (an adapter shutting down) must not cancel the turn.
+        await asyncio.shield(turn.done)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _run_conversation(self, key: ConversationKey, conv: _Conversation) -> None:
+        try:
+            while conv.waiting:
+                turn = conv.waiting.popleft()
+                conv.current = asyncio.create_task(
+                    self._run_turn(turn.event, turn.target), name=f"turn:{key}:{turn.event.message_id}"
+                )
+                try:
+                    await asyncio.wait({conv.current})
+                finally:
+                    if not turn.done.done():
+                        turn.done.set_result(None)
+                    conv.current = None
+        finally:
+            conv.runner = None
+            for turn in conv.waiting:
+                if not turn.done.done():
+                    turn.done.set_result(None)
+            conv.waiting.clear()
+            if self._conversations.get(key) is conv:
+                del self._conversations[key]
+
+    async def stop(self, match: Callable[[ConversationKey], bool]) -> int:
+        """Drop waiting turns and cancel replies in progress of matching conversations."""
+        stopped: list[asyncio.Task[None]] = []
+        for key, conv in list(self._conversations.items()):
+            if not match(key):
+                continue
+            while conv.waiting:
+                conv.waiting.popleft().done.set_result(None)
+            if conv.current is not None and not conv.current.done():
+                conv.current.cancel()
+                stopped.append(conv.current)
+        if stopped:
+            await asyncio.wait(stopped)
+        return len(stopped)
+
+    def _queue_stats(self) -> dict[str, int]:
+        return {
+            "waiting": sum(len(c.waiting) for c in self._conversations.values()),
+            "conversations": len(self._conversations),
+        }
+
+    # ------------------------------------------------------------------ the turn
+
+    async def _run_turn(self, event: IncomingMessage, target: ReplyTarget) -> None:
+        typing = asyncio.create_task(self._keep_typing(target), name=f"typing:{event.key}")
+        streamer = ReplyStreamer(target, clock=self._clock)
+        try:
+            await self._generate_reply(event, target, streamer)
+        except asyncio.CancelledError:
+            typing.cancel()
+            if streamer.message_ids:  # tell the user the partial reply is cut short
+                with contextlib.suppress(BotError, asyncio.TimeoutError):
+                    await asyncio.wait_for(streamer.finish(STOPPED_SUFFIX), timeout=2.0)
+            raise
+        except BotError as exc:
+            if isinstance(exc, DeliveryError):
+                logger.warning("reply to %s not delivered: %s", event.key, exc)
+            else:
+                logger.exception("turn of %s failed", event.key)
+                await self._reply(target, exc.user_message)
+        except Exception:
+            logger.exception("unexpected error in turn of %s", event.key)
+            await self._reply(target, GenerationError.user_message)
+        finally:
+            typing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await typing
+
+    async def _generate_reply(self, event: IncomingMessage, target: ReplyTarget, streamer: ReplyStreamer) -> None:
+        key = event.key
+        settings = await self.commands.effective_settings(key)
+        # Stored first: whatever happens to the reply, the user's message is kept.
+        await self._repo.add_message(
+            key, "user", event.text, await self._generator.count_tokens(event.text), event.message_id
+        )
+        history = await self._repo.recent_messages(key, int(settings["history_turns"]) + 1)
+        prompt = await build_prompt(
+            self._generator, str(settings["system_prompt"]), history, int(settings["max_new_tokens"])
+        )
+        params = GenerationParams(
+            max_new_tokens=prompt.max_new_tokens,
+            sampling=SamplingParams(temperature=float(settings["temperature"]), top_p=float(settings["top_p"])),
+        )
+        stream = self._generator.generate(prompt.ids, params)
+        try:
+            try:
+                async for piece in stream:
+                    await streamer.push(piece)
+            finally:
+                await stream.aclose()
+            await streamer.finish("" if streamer.text.strip() else EMPTY_REPLY)
+        except DeliveryError:
+            await self._store_reply(key, streamer)  # what was generated was seen in part
+            raise
+        except (BusyError, GenerationError):
+            if streamer.text.strip():
+                await streamer.finish(STOPPED_SUFFIX)
+            raise
+        await self._store_reply(key, streamer)
+
+    async def _store_reply(self, key: ConversationKey, streamer: ReplyStreamer) -> None:
+        text = streamer.text
+        if text.strip() and text != EMPTY_REPLY:
+            ids = streamer.message_ids
+            await self._repo.add_message(
+                key, "assistant", text, await self._generator.count_tokens(text), ids[0] if ids else None
+            )
+
+    async def _keep_typing(self, target: ReplyTarget) -> None:
+        while True:
+            try:
+                await target.typing()
+            except BotError as exc:
+                logger.debug("typing indicator failed: %s", exc)
+            await asyncio.sleep(TYPING_RENEW_S)

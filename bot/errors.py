@@ -1,0 +1,77 @@
+"""One error tree. Every error we raise derives from `BotError` and carries a short,
+user-facing explanation; the log gets the details."""
+
+from __future__ import annotations
+
+
+class BotError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    user_message: str = "Sorry, something went wrong. Please try again."
+
+    def __init__(self, detail: str = "", *, user_message: str | None = None) -> None:
+        super().__init__(detail or self.user_message)
+        if user_message is not None:
+            self.user_message = user_message
+
+
+class ConfigError(BotError):
+    """A setting is missing or malformed. Raised at start-up; names the setting."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+class ModelLoadError(ConfigError):
+    """The configured model cannot be found or loaded."""
+
+
+class CommandError(BotError):
+    """A command was malformed, unknown, or had a bad value. The message is for the user."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, user_message=message)
+
+
+class PermissionDenied(CommandError):
+    """A non-admin tried an admin command."""
+
+    def __init__(self, message: str = "Only admins can do that.") -> None:
+        super().__init__(message)
+
+
+class InputRejected(CommandError):
+    """User input the bot will not send to the model (too long, binary, ...)."""
+
+
+class BusyError(BotError):
+    """The generation queue is full."""
+
+    user_message = "I'm busy with other people's messages right now. Please try again in a minute."
+
+
+class GenerationError(BotError):
+    """The model failed while producing a reply."""
+
+    user_message = "Sorry, I couldn't produce a reply this time. Please try again."
+
+
+class GenerationCancelled(BotError):
+    """A generation was stopped on purpose (a /reset, or shutdown)."""
+
+    user_message = "Stopped."
+
+
+class DeliveryError(BotError):
+    """The platform refused or failed to deliver a reply (chat gone, blocked,
+    no permission, message deleted). The reply is dropped; nothing crashes."""
+
+    user_message = "I couldn't deliver my reply."
+
+
+class StorageError(BotError):
+    """The database failed."""
+
+    user_message = "Sorry, I couldn't reach my memory just now. Please try again."

@@ -1,0 +1,60 @@
+"""The common event types every adapter converts to, and the keys of conversations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+Platform = Literal["console", "telegram", "discord"]
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationKey:
+    """One conversation per user per chat (a Discord thread is its own chat)."""
+
+    platform: Platform
+    chat_id: str
+    user_id: str
+
+    def __str__(self) -> str:
+        return f"{self.platform}:{self.chat_id}:{self.user_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """A text message as every platform delivers it to the core.
+
+    ``text`` has the bot's mention already stripped. ``addressed_to_bot`` is True
+    when the platform's rules say the bot should answer (private chat, mention,
+    reply to the bot, or a command); adapters usually drop the rest before the
+    core sees them, but the flag lets the core stay the judge.
+    """
+
+    platform: Platform
+    chat_id: str
+    user_id: str
+    display_name: str
+    message_id: str
+    text: str
+    is_private: bool
+    addressed_to_bot: bool
+    timestamp: datetime
+
+    @property
+    def key(self) -> ConversationKey:
+        return ConversationKey(self.platform, self.chat_id, self.user_id)
+
+    @property
+    def sender(self) -> str:
+        """The sender as written in ``ADMIN_IDS``: ``platform:user_id``."""
+        return f"{self.platform}:{self.user_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    """One turn of a conversation as the prompt builder sees it."""
+
+    role: Role
+    content: str

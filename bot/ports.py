@@ -1,0 +1,230 @@
+"""The `Protocol`s at the seams, and the plain dataclasses that cross them.
+
+`storage/` implements `Repository`; `bot/worker.py` implements `Generator` on top of
+an `Engine` (`bot/hf_model.py`, or a deterministic fake in tests); every adapter
+implements `ReplyTarget` and `Adapter` and calls a `MessageHandler`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from bot.events import ChatTurn, ConversationKey, IncomingMessage, Platform, Role
+
+SettingValue = str | int | float
+
+# --------------------------------------------------------------------------- storage
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: int
+    role: Role
+    content: str
+    token_count: int
+    created_at: datetime
+    platform_message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RepoStats:
+    users: int
+    conversations: int
+    messages: int
+
+
+class Repository(Protocol):
+    """Conversation history and per-session settings. Every method is one unit of work."""
+
+    async def add_message(
+        self,
+        key: ConversationKey,
+        role: Role,
+        content: str,
+        token_count: int,
+        platform_message_id: str | None = None,
+    ) -> StoredMessage:
+        """Append a message, creating the conversation on first use."""
+        ...
+
+    async def recent_messages(self, key: ConversationKey, limit: int) -> list[StoredMessage]:
+        """The newest `limit` messages, oldest first. Cost does not grow with history size."""
+        ...
+
+    async def clear_conversation(self, key: ConversationKey) -> int:
+        """Delete one conversation's messages (its settings stay). Returns how many."""
+        ...
+
+    async def clear_chat(self, platform: Platform, chat_id: str) -> int:
+        """Delete the messages of every conversation in a chat. Returns how many."""
+        ...
+
+    async def get_settings(self, key: ConversationKey) -> dict[str, SettingValue]:
+        """The session's stored overrides (empty when none)."""
+        ...
+
+    async def set_setting(self, key: ConversationKey, name: str, value: SettingValue) -> None: ...
+
+    async def clear_settings(self, key: ConversationKey) -> None: ...
+
+    async def stats(self) -> RepoStats: ...
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How the next token is chosen. `temperature == 0` means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    queue_depth: int
+    active: int
+    tokens_generated: int
+    tokens_per_s: float  # over the time generation was actually running
+
+
+class Generator(Protocol):
+    """What the conversation manager sees of the model. Implemented by `bot.worker.Worker`."""
+
+    @property
+    def context_length(self) -> int: ...
+
+    async def count_tokens(self, text: str) -> int: ...
+
+    async def render_prompt(self, system: str | None, turns: Sequence[ChatTurn]) -> list[int]:
+        """Token ids of the chat template (or the fallback format), ending where the
+        assistant's reply begins."""
+        ...
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[str, None]:
+        """Stream the reply as text pieces. Raises `BusyError` when the queue is full,
+        `GenerationError` when the model fails. Closing the generator (`aclose()`, or
+        cancelling the task that iterates it) stops the generation early."""
+        ...
+
+    def stats(self) -> WorkerStats: ...
+
+
+class Engine(Protocol):
+    """The model as the worker's scheduler thread drives it.
+
+    Everything but the tokenizer methods is called from that one thread only. The
+    tokenizer methods (`encode`, `decode`, `render_chat`) are thread-safe.
+    A sequence lives from `add` until `remove`; the engine keeps its KV cache.
+    """
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Text that ends a reply besides EOS (e.g. ``"\\nUser:"`` for the fallback format)."""
+        ...
+
+    def on_thread_start(self) -> None:
+        """Called once from the scheduler thread before its first `add` (thread set-up)."""
+        ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def render_chat(self, system: str | None, turns: Sequence[ChatTurn]) -> list[int]: ...
+
+    def add(self, requests: Sequence[tuple[int, Sequence[int], SamplingParams]]) -> dict[int, int]:
+        """Prefill new sequences `(seq_id, prompt_ids, sampling)` and join them to the
+        running batch. Returns each one's first sampled token."""
+        ...
+
+    def step(self) -> dict[int, int]:
+        """One batched decode step for every active sequence: `seq_id -> next token`."""
+        ...
+
+    def remove(self, seq_ids: Sequence[int]) -> None:
+        """Drop finished or cancelled sequences and free their cache."""
+        ...
+
+
+# --------------------------------------------------------------------------- platforms
+
+
+class ReplyTarget(Protocol):
+    """Where the answer to one incoming message goes. Built by the adapter per message.
+
+    `send`/`edit` raise `bot.errors.DeliveryError` when the platform will not take the
+    message (chat gone, bot blocked, no permission, message deleted); transient errors
+    are retried inside the adapter.
+    """
+
+    @property
+    def max_chars(self) -> int:
+        """The platform's length limit for one message."""
+        ...
+
+    @property
+    def edit_interval(self) -> float:
+        """Minimum seconds between two edits of one message."""
+        ...
+
+    async def send(self, text: str) -> str:
+        """Send a new message; returns its platform id."""
+        ...
+
+    async def edit(self, message_id: str, text: str) -> None: ...
+
+    async def typing(self) -> None:
+        """Show the typing indicator once (the caller renews it)."""
+        ...
+
+    async def sender_is_chat_admin(self) -> bool:
+        """Whether the sender administers this chat (Telegram chat admin, Discord
+        Manage Server). False in private chats."""
+        ...
+
+
+@runtime_checkable
+class MessageHandler(Protocol):
+    async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
+        """Handle one message; returns when its reply is complete. Never raises
+        `BotError` (users get an explanation instead)."""
+        ...
+
+
+class Adapter(Protocol):
+    """A platform connection. `run` serves until cancelled (or, for the terminal, until
+    its input ends) and cleans up after itself either way."""
+
+    name: str
+
+    async def run(self, handler: MessageHandler) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CommandInfo:
+    """A command for platform menus (Telegram `setMyCommands`, Discord slash commands)."""
+
+    name: str
+    description: str
+    admin_only: bool
+
+
+SessionSettingsMap = Mapping[str, SettingValue]

@@ -1,0 +1,75 @@
+"""Prompt building: the model's chat template filled with the system prompt and as
+many of the newest turns as fit the token budget."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bot.errors import InputRejected
+from bot.events import ChatTurn
+from bot.ports import Generator, StoredMessage
+
+logger = logging.getLogger(__name__)
+
+# Template tokens around each turn (role markers, separators); an estimate that the
+# final render corrects.
+_TURN_OVERHEAD = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    ids: list[int]
+    turns_used: int
+    max_new_tokens: int
+
+
+def reply_budget(context_length: int, max_new_tokens: int) -> int:
+    """New tokens allowed for a reply: never more than half the context, so a prompt
+    always has room."""
+    return max(1, min(max_new_tokens, context_length // 2))
+
+
+async def build_prompt(
+    generator: Generator,
+    system_prompt: str | None,
+    history: Sequence[StoredMessage],
+    max_new_tokens: int,
+) -> Prompt:
+    """Fit `system_prompt` and the newest turns of `history` (oldest first, the last one
+    being the user's new message) into the context minus the reply's tokens.
+
+    Raises `InputRejected` when not even the newest message fits."""
+    if not history:
+        raise ValueError("history must hold the new message")
+    new_tokens = reply_budget(generator.context_length, max_new_tokens)
+    budget = generator.context_length - new_tokens
+    system = system_prompt or None
+    used = (await generator.count_tokens(system) + _TURN_OVERHEAD) if system else 0
+
+    start = len(history)
+    for message in reversed(history):
+        cost = message.token_count + _TURN_OVERHEAD
+        if used + cost > budget and start < len(history):
+            break
+        used += cost
+        start -= 1
+
+    # The estimate can be off by the template's exact framing: render, and drop the
+    # oldest turn until it fits.
+    while True:
+        turns = [ChatTurn(m.role, m.content) for m in history[start:]]
+        ids = await generator.render_prompt(system, turns)
+        if len(ids) <= budget:
+            logger.debug("prompt: %d tokens, %d turns", len(ids), len(turns))
+            return Prompt(ids, len(turns), new_tokens)
+        if start < len(history) - 1:
+            start += 1
+        elif system is not None:
+            logger.warning("system prompt dropped: it does not fit with the message")
+            system = None
+        else:
+            raise InputRejected(
+                "Your message is too long for my context window. Please send a shorter one."
+            )

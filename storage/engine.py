@@ -1,0 +1,106 @@
+"""Engine creation and lifecycle. Every bad `DATABASE_URL` becomes one `ConfigError`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from bot.errors import ConfigError
+from storage.models import Base
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+SQLITE_PRAGMAS = ("journal_mode=WAL", "foreign_keys=ON", "busy_timeout=5000", "synchronous=NORMAL")
+_EXAMPLE = "sqlite+aiosqlite:///data/bot.db"
+
+
+def _bad_url(problem: str) -> ConfigError:
+    return ConfigError("DATABASE_URL", problem)
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    """The database file of a SQLite URL, or None for an in-memory database."""
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        for pragma in SQLITE_PRAGMAS:
+            cursor.execute(f"PRAGMA {pragma}")
+    finally:
+        cursor.close()
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An async engine for `url` (SQLite via aiosqlite, or PostgreSQL).
+
+    For SQLite the file's directory is created and every new connection gets the
+    `SQLITE_PRAGMAS`. Nothing connects yet: `init_db` does.
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise _bad_url(f"not a database URL; expected something like {_EXAMPLE}") from None
+    backend = parsed.get_backend_name()
+    if backend not in SUPPORTED_BACKENDS:
+        raise _bad_url(f"unsupported database {backend!r}; use SQLite ({_EXAMPLE}) or PostgreSQL")
+    if backend == "sqlite" and (path := _sqlite_file(parsed)) is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _bad_url(f"cannot create directory {path.parent}: {exc.strerror}") from None
+    try:
+        # hide_parameters: message text must not end up in error logs.
+        engine = create_async_engine(
+            parsed, hide_parameters=True, pool_pre_ping=backend != "sqlite"
+        )
+    except NoSuchModuleError:
+        raise _bad_url(f"unknown database driver {parsed.drivername!r}") from None
+    except ImportError as exc:
+        raise _bad_url(f"driver for {parsed.drivername!r} is not installed ({exc.name})") from None
+    except (ArgumentError, SQLAlchemyError) as exc:
+        # e.g. a sync driver ("sqlite://"): the asyncio extension needs an async one.
+        raise _bad_url(f"{parsed.drivername!r} cannot be used: {_first_line(exc)}") from None
+    if backend == "sqlite":
+        event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
+    return engine
+
+
+async def init_db(engine: AsyncEngine) -> None:
+    """Connect and create missing tables. Raises `ConfigError` if the database is unusable."""
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+    except (SQLAlchemyError, OSError) as exc:
+        raise _bad_url(f"cannot open the database: {_first_line(exc)}") from None
+    logger.info("Database ready: %s", engine.url.render_as_string(hide_password=True))
+
+
+@asynccontextmanager
+async def open_database(url: str) -> AsyncIterator[AsyncEngine]:
+    """`create_engine` + `init_db`; disposes the engine (closing its connections) on exit."""
+    engine = create_engine(url)
+    try:
+        await init_db(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def _first_line(exc: BaseException) -> str:
+    """The driver's own message, without SQLAlchemy's SQL/parameters/background lines."""
+    inner = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    return (str(inner).strip().splitlines() or [type(inner).__name__])[0][:200]

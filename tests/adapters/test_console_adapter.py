@@ -1,0 +1,58 @@
+"""The terminal chat: in-process with the fake engine, and as a real subprocess with the
+real default model."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapters.console_adapter import ConsoleAdapter, to_event
+from tests.conftest import Harness
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_line_becomes_a_private_admin_event() -> None:
+    event = to_event("hello\n", 3, "ann")
+    assert (event.platform, event.chat_id, event.user_id, event.message_id) == ("console", "local", "local", "3")
+    assert event.text == "hello" and event.is_private and event.addressed_to_bot
+
+
+async def test_piped_lines_are_answered_in_order_until_end_of_input(harness: Harness) -> None:
+    stdin = io.StringIO("first question\n\n/config\nsecond question\n")
+    stdout = io.StringIO()
+    async with harness.manager() as manager:
+        await ConsoleAdapter(stdin, stdout).run(manager)
+    out = stdout.getvalue()
+    assert out.index("Echo: first question") < out.index("Settings for this session") < out.index(
+        "Echo: second question"
+    )
+    assert "bot>" not in out  # no prompts when piped
+
+
+@pytest.mark.model
+def test_terminal_chat_subprocess_answers_resets_and_exits(default_engine: object, model_cache_dir: Path, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "MODEL_CACHE_DIR": str(model_cache_dir),
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+        "TEMPERATURE": "0",
+        "MAX_NEW_TOKENS": "24",
+        "LOG_LEVEL": "WARNING",
+    }
+    for var in ("TELEGRAM_TOKEN", "DISCORD_TOKEN", "MODEL"):
+        env.pop(var, None)
+    lines = "What is the capital of France?\n/config\n/reset\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bot"], input=lines, capture_output=True, text=True, cwd=tmp_path,
+        env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Paris" in proc.stdout
+    assert "max_new_tokens = 24" in proc.stdout
+    assert "forgot our conversation (2 messages)" in proc.stdout

@@ -1,0 +1,42 @@
+"""Start-up: bad settings stop with one clear line naming the setting, and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_bot(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if k not in ("TELEGRAM_TOKEN", "DISCORD_TOKEN", "MODEL")}
+    full.update({"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'db' / 'bot.db'}", **env})
+    return subprocess.run(
+        [sys.executable, "-m", "bot"], input="", capture_output=True, text=True, cwd=tmp_path, env=full, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"ADMIN_IDS": "root"}, "ADMIN_IDS"),
+        ({"DATABASE_URL": "nosuchdb+driver:///x"}, "DATABASE_URL"),
+        ({"MODEL": "/nonexistent/model-dir"}, "MODEL"),
+        ({"TEMPERATURE": "hot"}, "TEMPERATURE"),
+    ],
+)
+def test_bad_setting_stops_start_up_with_one_line_naming_it(tmp_path: Path, env: dict[str, str], setting: str) -> None:
+    proc = run_bot(tmp_path, **env)
+    assert proc.returncode == 2
+    assert setting in proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, proc.stderr
+
+
+def test_secrets_are_never_logged(tmp_path: Path) -> None:
+    proc = run_bot(tmp_path, TELEGRAM_TOKEN="123:very-secret-token", ADMIN_IDS="bad", LOG_LEVEL="DEBUG")
+    assert proc.returncode == 2
+    assert "very-secret-token" not in proc.stderr + proc.stdout

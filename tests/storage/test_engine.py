@@ -1,0 +1,135 @@
+"""Engine set-up: pragmas, directories, tables, and every bad DATABASE_URL."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.errors import ConfigError
+from storage.engine import create_engine, init_db, open_database
+
+
+async def test_every_pooled_connection_gets_wal_foreign_keys_and_busy_timeout(
+    db_engine: AsyncEngine,
+) -> None:
+    async with AsyncExitStack() as stack:
+        # Three connections held at once: three distinct DBAPI connections from the pool.
+        connections = [await stack.enter_async_context(db_engine.connect()) for _ in range(3)]
+        for connection in connections:
+            pragmas = {
+                name: (await connection.exec_driver_sql(f"PRAGMA {name}")).scalar_one()
+                for name in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")
+            }
+            assert pragmas == {
+                "journal_mode": "wal",
+                "foreign_keys": 1,
+                "busy_timeout": 5000,
+                "synchronous": 1,  # NORMAL
+            }
+
+
+async def test_missing_parent_directories_are_created(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "bot.db"
+    async with open_database(f"sqlite+aiosqlite:///{path}"):
+        pass
+    assert path.is_file()
+
+
+async def test_init_db_creates_tables_and_indexes_and_is_idempotent(
+    db_engine: AsyncEngine,
+) -> None:
+    await init_db(db_engine)  # the fixture already ran it once
+
+    def describe(sync_connection: object) -> tuple[set[str], set[str], set[str]]:
+        inspector = inspect(sync_connection)
+        return (
+            set(inspector.get_table_names()),
+            {i["name"] or "" for i in inspector.get_indexes("messages")},
+            {c["name"] or "" for c in inspector.get_unique_constraints("conversations")},
+        )
+
+    async with db_engine.connect() as connection:
+        tables, indexes, uniques = await connection.run_sync(describe)
+    assert {"conversations", "messages"} <= tables
+    assert "ix_messages_conversation_id_id" in indexes
+    assert "uq_conversations_key" in uniques
+
+
+async def test_opening_is_logged_with_the_url(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="storage.engine")
+    async with open_database(db_url):
+        pass
+    assert f"Database ready: {db_url}" in caplog.text
+
+
+def test_password_in_a_rejected_url_is_not_shown(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        create_engine(f"sqlite+aiosqlite://user:s3cret@/{tmp_path / 'bot.db'}")
+    assert info.value.setting == "DATABASE_URL"
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("not a url", "not a database URL"),
+        ("nosuchdb://host/db", "unsupported database 'nosuchdb'"),
+        ("mysql+aiomysql://user:pw@host/db", "unsupported database 'mysql'"),
+        ("sqlite+nosuchdriver:///bot.db", "unknown database driver"),
+        ("sqlite:///bot.db", "async driver"),
+        ("postgresql+asyncpg://user:s3cret@host/db", "not installed"),
+    ],
+)
+def test_bad_database_url_raises_config_error_naming_the_setting(url: str, reason: str) -> None:
+    if "asyncpg" in url and importlib.util.find_spec("asyncpg") is not None:
+        pytest.skip("asyncpg is installed here")
+    with pytest.raises(ConfigError) as info:
+        create_engine(url)
+    assert info.value.setting == "DATABASE_URL"
+    assert reason in info.value.problem
+    assert "s3cret" not in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_directory_that_cannot_be_created_raises_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError) as info:
+        create_engine(f"sqlite+aiosqlite:///{blocker / 'sub' / 'bot.db'}")
+    assert info.value.setting == "DATABASE_URL"
+    assert "cannot create directory" in info.value.problem
+
+
+async def test_file_that_is_not_a_database_raises_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bot.db"
+    path.write_bytes(b"this is not a SQLite database " * 100)
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        with pytest.raises(ConfigError) as info:
+            await init_db(engine)
+    finally:
+        await engine.dispose()
+    assert info.value.setting == "DATABASE_URL"
+    assert "file is not a database" in info.value.problem
+
+
+async def test_database_path_that_is_a_directory_raises_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        async with open_database(f"sqlite+aiosqlite:///{tmp_path}"):
+            pass
+    assert info.value.setting == "DATABASE_URL"
+    assert "unable to open database file" in info.value.problem
+
+
+async def test_in_memory_database_works() -> None:
+    async with open_database("sqlite+aiosqlite://") as engine:
+        async with engine.connect() as connection:
+            assert (await connection.execute(text("SELECT count(*) FROM messages"))).scalar() == 0
