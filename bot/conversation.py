@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import re
 import time
 import unicodedata
 from collections import deque
@@ -34,6 +36,8 @@ TYPING_RENEW_S = 4.0  # Telegram shows "typing" for 5 s, Discord for 10 s
 MAX_WAITING_PER_CONVERSATION = 5
 EMPTY_REPLY = "(I have no answer to that.)"
 STOPPED_SUFFIX = " … [stopped]"
+# Lone UTF-16 surrogates (JSON can carry them) cannot be stored as UTF-8.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(slots=True)
@@ -109,6 +113,8 @@ class ConversationManager:
         `BotError`: the user gets an explanation and the log the details."""
         if not event.addressed_to_bot or self._closing:
             return
+        if _LONE_SURROGATE.search(event.text):
+            event = dataclasses.replace(event, text=_LONE_SURROGATE.sub("\ufffd", event.text))
         try:
             command = parse_command(event.text)
             if command is not None:

@@ -137,6 +137,13 @@ async def test_unicode_is_stored_and_answered_verbatim(harness: Harness) -> None
     assert (await harness.repo.recent_messages(key(), 1))[0].content == f"Echo: {text}"
 
 
+async def test_lone_surrogates_are_replaced_not_crashing_storage(harness: Harness) -> None:
+    async with harness.manager() as manager:
+        target = RecordingTarget()
+        await manager.handle(msg("broken \ud83d emoji"), target)
+    assert target.messages == ["Echo: broken \ufffd emoji"]
+
+
 async def test_a_failed_generation_apologises_and_keeps_the_user_message(harness: Harness) -> None:
     harness.engine.fail_on = "EXPLODE"
     async with harness.manager() as manager:
