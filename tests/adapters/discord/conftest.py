@@ -1,0 +1,171 @@
+"""Fixtures for the Discord adapter: the fake Discord and the real adapter on the real
+discord.py client, connected to it over 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from adapters.discord_adapter import DiscordAdapter
+from bot.commands import COMMANDS
+from bot.config import Settings
+from bot.errors import DeliveryError
+from bot.events import IncomingMessage
+from bot.ports import MessageHandler, ReplyTarget
+from bot.streaming import ReplyStreamer
+from tests.fakes.discord_server import MANAGE_GUILD, FakeChannel, FakeDiscordServer, FakeGuild, FakeUser, Json
+
+
+@dataclass
+class World:
+    """A server with two channels and a thread, some people and another bot."""
+
+    guild: FakeGuild
+    general: FakeChannel
+    random: FakeChannel
+    thread: FakeChannel
+    alice: FakeUser
+    bob: FakeUser
+    moderator: FakeUser  # has Manage Server
+    bot_admin: FakeUser  # in ADMIN_IDS, no server permissions
+    other_bot: FakeUser
+
+
+# The server belongs to the loop of the test that uses it (fixtures default to the session loop).
+@pytest_asyncio.fixture(loop_scope="function")
+async def server() -> AsyncIterator[FakeDiscordServer]:
+    async with FakeDiscordServer() as fake:
+        yield fake
+
+
+@pytest.fixture
+def world(server: FakeDiscordServer) -> World:
+    guild = server.add_guild("Wonderland")
+    general = server.add_text_channel(guild, "general")
+    random = server.add_text_channel(guild, "random")
+    thread = server.add_thread(general, "a thread")
+    alice, bob = server.add_user("alice"), server.add_user("bob")
+    moderator, bot_admin = server.add_user("moderator"), server.add_user("botadmin")
+    other_bot = server.add_user("otherbot", bot=True)
+    mods = server.add_role(guild, "mods", MANAGE_GUILD)
+    for user in (alice, bob, bot_admin, other_bot):
+        server.add_member(guild, user)
+    server.add_member(guild, moderator, [mods])
+    return World(guild, general, random, thread, alice, bob, moderator, bot_admin, other_bot)
+
+
+def discord_settings(server: FakeDiscordServer, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "discord_token": server.token,
+        "discord_api_base": server.base_url,
+        "discord_gateway_url": server.gateway_url,
+        "discord_edit_interval": 0.0,
+        "database_url": "sqlite+aiosqlite:///unused.db",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@asynccontextmanager
+async def running_adapter(
+    server: FakeDiscordServer, handler: MessageHandler, *, shards: int = 1, **overrides: Any
+) -> AsyncIterator[DiscordAdapter]:
+    """The adapter serving `handler`, connected (READY and guilds received) on exit of
+    the `async with` header; cancelled and awaited on exit of the block."""
+    adapter = DiscordAdapter(discord_settings(server, **overrides), COMMANDS)
+    task = asyncio.create_task(adapter.run(handler), name="test:discord-adapter")
+    identified = asyncio.create_task(server.wait_identified(shards), name="test:wait-identified")
+    await asyncio.wait({task, identified}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        identified.cancel()
+        task.result()  # raises the adapter's error
+        raise AssertionError("the adapter stopped before connecting")
+    identified.result()
+    try:
+        yield adapter
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        client = adapter.client
+        assert client is None
+
+
+RunAdapter = Callable[..., "contextlib.AbstractAsyncContextManager[DiscordAdapter]"]
+
+
+@pytest.fixture
+def run_adapter(server: FakeDiscordServer) -> RunAdapter:
+    def run(handler: MessageHandler, **overrides: Any) -> contextlib.AbstractAsyncContextManager[DiscordAdapter]:
+        return running_adapter(server, handler, **overrides)
+
+    return run
+
+
+class EchoHandler:
+    """A test-local `MessageHandler` that really uses the target: streams a reply
+    (default ``"Echo: <text>"``) word by word through the core's `ReplyStreamer`.
+
+    ``gates[text]`` holds that message's reply until set. Target errors are recorded
+    and end the reply, as the core does."""
+
+    def __init__(self, reply_for: Callable[[str], str] | None = None, piece_delay: float = 0.002) -> None:
+        self.events: list[IncomingMessage] = []
+        self.targets: list[ReplyTarget] = []
+        self.errors: list[DeliveryError] = []
+        self.finished: list[str] = []
+        self.admin_checks: list[bool] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self.started: dict[str, asyncio.Event] = {}
+        self.reply_for = reply_for or (lambda text: f"Echo: {text}")
+        self.piece_delay = piece_delay
+
+    async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
+        self.events.append(event)
+        self.targets.append(target)
+        self.started.setdefault(event.text, asyncio.Event()).set()
+        self.admin_checks.append(await target.sender_is_chat_admin())
+        gate = self.gates.get(event.text)
+        if gate is not None:
+            await gate.wait()
+        streamer = ReplyStreamer(target)
+        try:
+            await target.typing()
+            for word in self.reply_for(event.text).split(" "):
+                await streamer.push(word if not streamer.text else " " + word)
+                await asyncio.sleep(self.piece_delay)
+            await streamer.finish()
+        except DeliveryError as exc:
+            self.errors.append(exc)
+            return
+        self.finished.append(event.text)
+
+
+def created_in(server: FakeDiscordServer, channel: FakeChannel) -> list[Json]:
+    """The bodies of the bot's create-message calls in `channel`."""
+    return [c.json for c in server.calls if c.method == "POST" and c.path == f"/channels/{channel.id}/messages"]
+
+
+def assert_pings_no_one(server: FakeDiscordServer) -> None:
+    """Every message, edit and interaction response the bot made disallows all pings."""
+    calls = server.message_calls()
+    assert calls, "the bot sent nothing"
+    for call in calls:
+        body = call.json or {}
+        if call.path.endswith("/callback"):
+            if body.get("type") == 5:  # a deferral carries no content
+                continue
+            body = body.get("data") or {}
+        mentions = body.get("allowed_mentions")
+        assert mentions is not None, f"{call.method} {call.path} has no allowed_mentions: {body}"
+        assert mentions.get("parse") == [], (call.path, mentions)
+        assert not mentions.get("users") and not mentions.get("roles"), (call.path, mentions)
+        assert not mentions.get("replied_user"), (call.path, mentions)
+
