@@ -99,6 +99,8 @@ async def serve(settings: Settings, adapters: Sequence[Adapter] | None = None) -
                     logger.error("%s stopped with an error", task.get_name(), exc_info=exc)
                     code = 1
             logger.info("shutting down")
+            # Replies in progress end with a note while the adapters can still deliver it.
+            await manager.close()
             for task in tasks | {stopper}:
                 task.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)

@@ -7,6 +7,7 @@ pass the text on (Discord slash commands are turned into the same text).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -26,6 +27,7 @@ COMMANDS: tuple[CommandInfo, ...] = (
     CommandInfo("stats", "Usage statistics (admins)", admin_only=True),
 )
 _NAMES = frozenset(c.name for c in COMMANDS)
+_SETTINGS_CACHE_SIZE = 10_000
 
 Scope = Literal["conversation", "chat"]
 
@@ -74,11 +76,33 @@ class CommandRunner:
         self._repo = repository
         self._generator = generator
         self._sessions = sessions
+        # Overrides read once per session: this process is the only writer, and every
+        # turn needs them. Bounded, least recently used first out.
+        self._overrides: OrderedDict[ConversationKey, dict[str, SettingValue]] = OrderedDict()
+        self._writes = 0  # a read that raced a write must not cache what it read
+
+    async def overrides(self, key: ConversationKey) -> dict[str, SettingValue]:
+        """The session's stored settings (cached)."""
+        cached = self._overrides.get(key)
+        if cached is None:
+            writes = self._writes
+            cached = await self._repo.get_settings(key)
+            if writes == self._writes:
+                self._overrides[key] = cached
+                if len(self._overrides) > _SETTINGS_CACHE_SIZE:
+                    self._overrides.popitem(last=False)
+        else:
+            self._overrides.move_to_end(key)
+        return dict(cached)
+
+    def _forget_overrides(self, key: ConversationKey) -> None:
+        self._writes += 1
+        self._overrides.pop(key, None)
 
     async def effective_settings(self, key: ConversationKey) -> dict[str, SettingValue]:
         """Defaults from `Settings`, overridden by the session's stored values."""
         values = self._settings.session_defaults()
-        for name, value in (await self._repo.get_settings(key)).items():
+        for name, value in (await self.overrides(key)).items():
             if name in SESSION_SETTINGS:  # ignore keys a newer/older version stored
                 values[name] = value
         return values
@@ -137,7 +161,7 @@ class CommandRunner:
         sub = command.args[0].lower() if command.args else "show"
         key = event.key
         if sub == "show":
-            return self._format_settings(await self.effective_settings(key), await self._repo.get_settings(key))
+            return self._format_settings(await self.effective_settings(key), await self.overrides(key))
         if sub == "set":
             await self._require_admin(event, target, "chat")
             if len(command.args) < 3:
@@ -152,10 +176,12 @@ class CommandRunner:
             except ValueError as exc:
                 raise CommandError(f"Bad value: {exc}.") from None
             await self._repo.set_setting(key, name, value)
+            self._forget_overrides(key)
             return f"{name} is now {value!r} for this session."
         if sub == "reset":
             await self._require_admin(event, target, "chat")
             await self._repo.clear_settings(key)
+            self._forget_overrides(key)
             return "This session's settings are back to the defaults."
         raise CommandError("Usage: /config, /config set <key> <value>, /config reset")
 

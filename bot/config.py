@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     discord_gateway_url: str = "wss://gateway.discord.gg/"
     discord_edit_interval: float = Field(1.2, ge=0.0, le=60.0)
     discord_shard_count: int | None = Field(None, ge=1)
-    discord_attachment_max_bytes: int = Field(100_000, ge=0)
+    discord_attachment_max_bytes: int = Field(4000, ge=0)
 
     admin_ids: Annotated[frozenset[str], NoDecode] = frozenset()
 

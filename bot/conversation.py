@@ -33,6 +33,7 @@ from bot.streaming import ReplyStreamer
 logger = logging.getLogger(__name__)
 
 TYPING_RENEW_S = 4.0  # Telegram shows "typing" for 5 s, Discord for 10 s
+TYPING_DELAY_S = 0.25  # an answer faster than this needs no indicator (saves a request)
 MAX_WAITING_PER_CONVERSATION = 5
 EMPTY_REPLY = "(I have no answer to that.)"
 STOPPED_SUFFIX = " … [stopped]"
@@ -282,6 +283,7 @@ class ConversationManager:
             )
 
     async def _keep_typing(self, target: ReplyTarget) -> None:
+        await asyncio.sleep(TYPING_DELAY_S)
         while True:
             try:
                 await target.typing()

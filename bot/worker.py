@@ -189,14 +189,23 @@ class Worker:
         iterates it cancels the request.
         """
         req = self._submit(list(prompt_ids), params)
+        queue = req.channel.queue
         try:
             while True:
-                item = await req.channel.queue.get()
-                if isinstance(item, str):
-                    yield item
-                elif item.error is not None:
-                    raise item.error
-                else:
+                item = await queue.get()
+                # Text that piled up while the consumer was busy goes out as one piece:
+                # one send or edit for it instead of one per token.
+                pieces: list[str] = []
+                while isinstance(item, str):
+                    pieces.append(item)
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if pieces:
+                    yield "".join(pieces)
+                if isinstance(item, _End):
+                    if item.error is not None:
+                        raise item.error
                     return
         finally:
             self._cancel(req)

@@ -64,9 +64,15 @@ def create_engine(url: str) -> AsyncEngine:
             raise _bad_url(f"cannot create directory {path.parent}: {exc.strerror}") from None
     try:
         # hide_parameters: message text must not end up in error logs.
-        engine = create_async_engine(
-            parsed, hide_parameters=True, pool_pre_ping=backend != "sqlite"
+        # SQLite takes one writer at a time, and a second connection waiting on the lock
+        # sleeps in the busy handler (the latency tail under load): one connection
+        # serializes the work without waits.
+        pool: dict[str, Any] = (
+            {"pool_size": 1, "max_overflow": 0}
+            if backend == "sqlite" and _sqlite_file(parsed) is not None
+            else {"pool_pre_ping": backend != "sqlite"}
         )
+        engine = create_async_engine(parsed, hide_parameters=True, **pool)
     except NoSuchModuleError:
         raise _bad_url(f"unknown database driver {parsed.drivername!r}") from None
     except ImportError as exc:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, ScalarSelect, delete, distinct, func, select, update
+from sqlalchemy import ColumnElement, ScalarSelect, bindparam, delete, distinct, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -37,15 +37,40 @@ def _conversation_id(key: ConversationKey) -> ScalarSelect[int]:
     return select(Conversation.id).where(_is_key(key)).scalar_subquery()
 
 
-def _stored(message: Message) -> StoredMessage:
-    return StoredMessage(
-        id=message.id,
-        role=message.role,
-        content=message.content,
-        token_count=message.token_count,
-        created_at=message.created_at,
-        platform_message_id=message.platform_message_id,
+# In the order of `StoredMessage`'s fields.
+_MESSAGE_COLUMNS = (
+    Message.id,
+    Message.role,
+    Message.content,
+    Message.token_count,
+    Message.created_at,
+    Message.platform_message_id,
+)
+_ID_CACHE_SIZE = 100_000
+# The two statements of every chat turn, built once: SQLAlchemy then reuses their
+# compiled form without re-deriving cache keys.
+_INSERT_MESSAGE = insert(Message).returning(Message.id)
+_RECENT_BY_ID = (
+    select(*_MESSAGE_COLUMNS)
+    .where(Message.conversation_id == bindparam("conversation_id"))
+    .order_by(Message.id.desc())
+    .limit(bindparam("limit"))
+)
+_RECENT_BY_KEY = (
+    select(*_MESSAGE_COLUMNS)
+    .where(
+        Message.conversation_id
+        == select(Conversation.id)
+        .where(
+            Conversation.platform == bindparam("platform"),
+            Conversation.chat_id == bindparam("chat_id"),
+            Conversation.user_id == bindparam("user_id"),
+        )
+        .scalar_subquery()
     )
+    .order_by(Message.id.desc())
+    .limit(bindparam("limit"))
+)
 
 
 class SqlRepository:
@@ -57,6 +82,7 @@ class SqlRepository:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
+        self._conversation_ids: dict[ConversationKey, int] = {}
 
     @classmethod
     def from_engine(cls, engine: AsyncEngine) -> SqlRepository:
@@ -108,34 +134,48 @@ class SqlRepository:
         platform_message_id: str | None = None,
     ) -> StoredMessage:
         """Append a message, creating the conversation on first use."""
+        created_at = utcnow()
         async with self._transaction() as session:
-            conversation_id, _ = await self._upsert_conversation(session, key)
-            message = Message(
-                conversation_id=conversation_id,
-                role=role,
-                content=content,
-                token_count=token_count,
-                platform_message_id=platform_message_id,
-                created_at=utcnow(),
-            )
-            session.add(message)
-            await session.flush()
-            return _stored(message)
+            conversation_id = self._conversation_ids.get(key)
+            if conversation_id is None:
+                conversation_id, _ = await self._upsert_conversation(session, key)
+            row = (
+                await session.execute(
+                    _INSERT_MESSAGE,
+                    {
+                        "conversation_id": conversation_id,
+                        "role": role,
+                        "content": content,
+                        "token_count": token_count,
+                        "platform_message_id": platform_message_id,
+                        "created_at": created_at,
+                    },
+                )
+            ).one()
+        self._remember(key, conversation_id)
+        return StoredMessage(row.id, role, content, token_count, created_at, platform_message_id)
 
     async def recent_messages(self, key: ConversationKey, limit: int) -> list[StoredMessage]:
         """The newest `limit` messages, oldest first: one walk backwards along the
         (conversation_id, id) index, so the cost does not grow with history size."""
         if limit <= 0:
             return []
-        stmt = (
-            select(Message)
-            .where(Message.conversation_id == _conversation_id(key))
-            .order_by(Message.id.desc())
-            .limit(limit)
-        )
+        conversation = self._conversation_ids.get(key)
+        params: dict[str, Any]
+        if conversation is not None:
+            stmt, params = _RECENT_BY_ID, {"conversation_id": conversation, "limit": limit}
+        else:
+            stmt = _RECENT_BY_KEY
+            params = {"platform": key.platform, "chat_id": key.chat_id, "user_id": key.user_id, "limit": limit}
         async with self._transaction() as session:
-            newest_first = (await session.scalars(stmt)).all()
-            return [_stored(m) for m in reversed(newest_first)]
+            newest_first = (await session.execute(stmt, params)).all()
+        return [StoredMessage(*row) for row in reversed(newest_first)]
+
+    def _remember(self, key: ConversationKey, conversation_id: int) -> None:
+        # Conversations are never deleted (a reset deletes messages), so ids stay valid.
+        self._conversation_ids[key] = conversation_id
+        if len(self._conversation_ids) > _ID_CACHE_SIZE:
+            self._conversation_ids.pop(next(iter(self._conversation_ids)))
 
     async def clear_conversation(self, key: ConversationKey) -> int:
         """Delete one conversation's messages (its settings stay). Returns how many."""

@@ -252,8 +252,12 @@ async def test_messages_not_addressed_to_the_bot_are_ignored(harness: Harness) -
     assert target.calls == [] and harness.engine.added == []
 
 
-async def test_typing_is_shown_while_generating(harness: Harness) -> None:
+async def test_typing_is_shown_while_generating_unless_the_answer_is_instant(harness: Harness) -> None:
     async with harness.manager() as manager:
-        target = RecordingTarget()
-        await manager.handle(msg("hi"), target)
-    assert target.typing_count >= 1
+        instant = RecordingTarget()
+        await manager.handle(msg("hi"), instant)
+        harness.engine.step_delay = 0.05
+        slow = RecordingTarget()
+        await manager.handle(msg("hello again"), slow)
+    assert instant.typing_count == 0
+    assert slow.typing_count >= 1

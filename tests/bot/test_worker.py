@@ -75,7 +75,8 @@ async def test_stream_yields_the_engine_reply_exactly() -> None:
 
 async def test_multibyte_characters_arrive_whole_from_byte_tokens() -> None:
     text = "héllo 🎉 wörld — 日本語 👩‍👩‍👧"
-    async with running(FakeEngine(byte_tokens=True, reply=lambda t: t)) as (worker, _):
+    # a slow engine: the consumer keeps up, so each step's text is its own piece
+    async with running(FakeEngine(byte_tokens=True, reply=lambda t: t, step_delay=0.005)) as (worker, _):
         got = await pieces(worker, text)
     assert "".join(got) == text
     assert all("\ufffd" not in piece for piece in got)
@@ -83,9 +84,19 @@ async def test_multibyte_characters_arrive_whole_from_byte_tokens() -> None:
 
 
 async def test_pieces_stream_incrementally_not_all_at_once() -> None:
-    async with running() as (worker, _):
+    async with running(FakeEngine(step_delay=0.005)) as (worker, _):
         got = await pieces(worker, "abc")
     assert got == list("Echo: abc")
+
+
+async def test_text_that_piles_up_behind_a_slow_consumer_comes_as_one_piece() -> None:
+    async with running(FakeEngine(step_delay=0.002)) as (worker, engine):
+        stream = worker.generate(await prompt(worker, "abcdefghij"), PARAMS)
+        first = await anext(stream)
+        await wait_until(lambda: engine.active == frozenset())  # the rest is all queued
+        rest = [piece async for piece in stream]
+    assert first == "E"
+    assert rest == ["cho: abcdefghij"]
 
 
 async def test_max_new_tokens_is_honoured() -> None:

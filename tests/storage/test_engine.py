@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -15,23 +14,29 @@ from bot.errors import ConfigError
 from storage.engine import create_engine, init_db, open_database
 
 
-async def test_every_pooled_connection_gets_wal_foreign_keys_and_busy_timeout(
+async def test_every_new_connection_gets_wal_foreign_keys_and_busy_timeout(
     db_engine: AsyncEngine,
 ) -> None:
-    async with AsyncExitStack() as stack:
-        # Three connections held at once: three distinct DBAPI connections from the pool.
-        connections = [await stack.enter_async_context(db_engine.connect()) for _ in range(3)]
-        for connection in connections:
+    # The pool holds one connection; dispose between checks so each is a new DBAPI one.
+    for _ in range(2):
+        async with db_engine.connect() as connection:
             pragmas = {
                 name: (await connection.exec_driver_sql(f"PRAGMA {name}")).scalar_one()
                 for name in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")
             }
-            assert pragmas == {
-                "journal_mode": "wal",
-                "foreign_keys": 1,
-                "busy_timeout": 5000,
-                "synchronous": 1,  # NORMAL
-            }
+        assert pragmas == {
+            "journal_mode": "wal",
+            "foreign_keys": 1,
+            "busy_timeout": 5000,
+            "synchronous": 1,  # NORMAL
+        }
+        await db_engine.dispose()
+
+
+async def test_a_sqlite_file_is_served_by_one_connection(db_engine: AsyncEngine) -> None:
+    # One writer at a time: a single connection serializes work instead of lock waits.
+    assert db_engine.pool.size() == 1  # type: ignore[attr-defined]
+    assert db_engine.pool._max_overflow == 0  # type: ignore[attr-defined]
 
 
 async def test_missing_parent_directories_are_created(tmp_path: Path) -> None:
