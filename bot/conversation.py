@@ -266,7 +266,8 @@ class ConversationManager:
                 await stream.aclose()
             await streamer.finish("" if streamer.text.strip() else EMPTY_REPLY)
         except DeliveryError:
-            await self._store_reply(key, streamer)  # what was generated was seen in part
+            if streamer.message_ids:  # the user saw part of it: keep what was said
+                await self._store_reply(key, streamer)
             raise
         except (BusyError, GenerationError):
             if streamer.text.strip():

@@ -226,6 +226,11 @@ async def test_blocked_chat_drops_the_reply_without_crashing(harness: Harness) -
         ok = RecordingTarget()
         await manager.handle(msg("hi again"), ok)
     assert ok.messages == ["Echo: hi again"]
+    # nothing reached the user the first time, so no assistant turn was stored for it
+    stored = await harness.repo.recent_messages(key(), 5)
+    assert [(m.role, m.content) for m in stored] == [
+        ("user", "hi"), ("user", "hi again"), ("assistant", "Echo: hi again")
+    ]
 
 
 async def test_shutdown_stops_replies_in_progress_promptly(harness: Harness) -> None:

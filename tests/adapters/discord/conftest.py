@@ -16,10 +16,8 @@ import pytest_asyncio
 from adapters.discord_adapter import DiscordAdapter
 from bot.commands import COMMANDS
 from bot.config import Settings
-from bot.errors import DeliveryError
-from bot.events import IncomingMessage
-from bot.ports import MessageHandler, ReplyTarget
-from bot.streaming import ReplyStreamer
+from bot.ports import MessageHandler
+from tests.fakes.echo_handler import EchoHandler as BaseEchoHandler
 from tests.fakes.discord_server import MANAGE_GUILD, FakeChannel, FakeDiscordServer, FakeGuild, FakeUser, Json
 
 
@@ -109,43 +107,11 @@ def run_adapter(server: FakeDiscordServer) -> RunAdapter:
     return run
 
 
-class EchoHandler:
-    """A test-local `MessageHandler` that really uses the target: streams a reply
-    (default ``"Echo: <text>"``) word by word through the core's `ReplyStreamer`.
-
-    ``gates[text]`` holds that message's reply until set. Target errors are recorded
-    and end the reply, as the core does."""
+class EchoHandler(BaseEchoHandler):
+    """Discord tests also check the admin lookup and the typing indicator."""
 
     def __init__(self, reply_for: Callable[[str], str] | None = None, piece_delay: float = 0.002) -> None:
-        self.events: list[IncomingMessage] = []
-        self.targets: list[ReplyTarget] = []
-        self.errors: list[DeliveryError] = []
-        self.finished: list[str] = []
-        self.admin_checks: list[bool] = []
-        self.gates: dict[str, asyncio.Event] = {}
-        self.started: dict[str, asyncio.Event] = {}
-        self.reply_for = reply_for or (lambda text: f"Echo: {text}")
-        self.piece_delay = piece_delay
-
-    async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
-        self.events.append(event)
-        self.targets.append(target)
-        self.started.setdefault(event.text, asyncio.Event()).set()
-        self.admin_checks.append(await target.sender_is_chat_admin())
-        gate = self.gates.get(event.text)
-        if gate is not None:
-            await gate.wait()
-        streamer = ReplyStreamer(target)
-        try:
-            await target.typing()
-            for word in self.reply_for(event.text).split(" "):
-                await streamer.push(word if not streamer.text else " " + word)
-                await asyncio.sleep(self.piece_delay)
-            await streamer.finish()
-        except DeliveryError as exc:
-            self.errors.append(exc)
-            return
-        self.finished.append(event.text)
+        super().__init__(reply_for, piece_delay, check_admin=True, typing=True)
 
 
 def created_in(server: FakeDiscordServer, channel: FakeChannel) -> list[Json]:

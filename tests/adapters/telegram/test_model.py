@@ -1,0 +1,48 @@
+"""The real default model answering through Telegram (slow: loads SmolLM2-135M)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from bot.conversation import ConversationManager
+from bot.events import ConversationKey
+from bot.worker import Worker
+from tests.adapters.telegram.conftest import BOB, RunAdapter
+from tests.conftest import Harness
+from tests.fakes.telegram_server import Chat, FakeTelegramServer
+
+if TYPE_CHECKING:
+    from bot.hf_model import HFEngine
+
+
+@pytest.mark.model
+async def test_the_default_model_answers_a_private_message_through_telegram(
+    server: FakeTelegramServer, run_adapter: RunAdapter, harness: Harness, default_engine: HFEngine
+) -> None:
+    settings = harness.settings(
+        telegram_token=server.token,
+        telegram_api_base=server.api_base,
+        telegram_edit_interval=0.2,
+        max_new_tokens=16,
+        temperature=0.0,
+    )
+    key = ConversationKey("telegram", str(BOB.id), str(BOB.id))
+    async with (
+        Worker(default_engine, max_batch_size=2, queue_size=4) as worker,
+        ConversationManager(settings, harness.repo, worker) as manager,
+        run_adapter(manager, settings=settings),
+    ):
+        server.user_sends(Chat.private(BOB), BOB, "What is the capital of France?")
+        deadline = time.monotonic() + 120
+        while len(stored := await harness.repo.recent_messages(key, 10)) < 2:
+            assert time.monotonic() < deadline, f"no reply stored; the chat shows {server.bot_texts(BOB.id)}"
+            await asyncio.sleep(0.2)
+    reply = stored[-1]
+    assert reply.role == "assistant" and reply.content.strip()
+    assert server.bot_texts(BOB.id) == [reply.content]  # the chat shows exactly what was stored
+    assert reply.platform_message_id == str(server.bot_messages(BOB.id)[0].message_id)
+    assert 1 <= reply.token_count <= 20  # re-tokenizing may differ slightly from generation

@@ -1,0 +1,72 @@
+"""A test-local `MessageHandler` for adapter tests that really uses the target."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from bot.errors import DeliveryError
+from bot.events import IncomingMessage
+from bot.ports import ReplyTarget
+from bot.streaming import ReplyStreamer
+
+
+class EchoHandler:
+    """Streams a reply (default ``"Echo: <text>"``) word by word through the core's
+    `ReplyStreamer`, as the manager would.
+
+    ``gates[text]`` (an `asyncio.Event`) holds that message's reply until set;
+    ``started[text]`` is set when it arrives. With ``check_admin`` every message asks
+    `sender_is_chat_admin` (recorded in ``admin_checks``); with ``typing`` it shows the
+    typing indicator first. Target errors are recorded in ``errors``, then re-raised
+    when ``reraise`` (as a careless handler would let them escape) or end the reply
+    quietly, as the core does."""
+
+    def __init__(
+        self,
+        reply_for: Callable[[str], str] | None = None,
+        piece_delay: float = 0.002,
+        *,
+        check_admin: bool = False,
+        typing: bool = False,
+        reraise: bool = False,
+    ) -> None:
+        self.events: list[IncomingMessage] = []
+        self.targets: list[ReplyTarget] = []
+        self.errors: list[DeliveryError] = []
+        self.finished: list[str] = []
+        self.admin_checks: list[bool] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self.started: dict[str, asyncio.Event] = {}
+        self.reply_for = reply_for or (lambda text: f"Echo: {text}")
+        self.piece_delay = piece_delay
+        self.check_admin = check_admin
+        self.typing = typing
+        self.reraise = reraise
+
+    async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
+        self.events.append(event)
+        self.targets.append(target)
+        self.started.setdefault(event.text, asyncio.Event()).set()
+        if self.check_admin:
+            self.admin_checks.append(await target.sender_is_chat_admin())
+        gate = self.gates.get(event.text)
+        if gate is not None:
+            await gate.wait()
+        streamer = ReplyStreamer(target)
+        try:
+            if self.typing:
+                await target.typing()
+            for word in self.reply_for(event.text).split(" "):
+                await streamer.push(word if not streamer.text else " " + word)
+                await asyncio.sleep(self.piece_delay)
+            await streamer.finish()
+        except DeliveryError as exc:
+            self.errors.append(exc)
+            if self.reraise:
+                raise
+            return
+        self.finished.append(event.text)
+
+    def texts(self) -> list[str]:
+        return [e.text for e in self.events]
