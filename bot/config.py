@@ -116,8 +116,8 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1, le=10_000)
 
     # Session defaults (each can be overridden per session with /config set)
-    system_prompt: str = "You are a helpful, friendly assistant. Answer briefly and clearly."
-    temperature: float = 0.7
+    system_prompt: str = "You are a helpful assistant."
+    temperature: float = 0.0  # greedy: the small default model answers best so
     top_p: float = 0.9
     max_new_tokens: int = 256
     history_turns: int = 20

@@ -41,7 +41,6 @@ def test_terminal_chat_subprocess_answers_resets_and_exits(default_engine: objec
         **os.environ,
         "MODEL_CACHE_DIR": str(model_cache_dir),
         "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
-        "TEMPERATURE": "0",
         "MAX_NEW_TOKENS": "24",
         "LOG_LEVEL": "WARNING",
     }

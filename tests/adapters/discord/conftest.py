@@ -80,13 +80,13 @@ async def running_adapter(
     adapter = DiscordAdapter(discord_settings(server, **overrides), COMMANDS)
     task = asyncio.create_task(adapter.run(handler), name="test:discord-adapter")
     identified = asyncio.create_task(server.wait_identified(shards), name="test:wait-identified")
-    await asyncio.wait({task, identified}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        identified.cancel()
-        task.result()  # raises the adapter's error
-        raise AssertionError("the adapter stopped before connecting")
-    identified.result()
     try:
+        await asyncio.wait({task, identified}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            identified.cancel()
+            task.result()  # raises the adapter's error
+            raise AssertionError("the adapter stopped before connecting")
+        identified.result()
         yield adapter
     finally:
         task.cancel()

@@ -81,9 +81,12 @@ async def test_shard_count_starts_an_auto_sharded_client(
     server: FakeDiscordServer, world: World, run_adapter: RunAdapter
 ) -> None:
     handler = EchoHandler()
-    # discord.py waits 5 s before identifying the second shard; shard 0 serves DMs.
+    # discord.py waits 5 s before identifying the second shard. Both must be up before
+    # the test stops the client: a shard still launching is not closed by discord.py,
+    # and its heartbeat thread would outlive the event loop.
     async with run_adapter(handler, discord_shard_count=2):
-        assert server.identifies[0]["shard"] == [0, 2]
+        await server.wait_identified(2, timeout=15)
+        assert sorted(i["shard"] for i in server.identifies) == [[0, 2], [1, 2]]
         dm = server.dm_channel(world.alice)
         await server.user_sends(dm, world.alice, "sharded hello")
         await server.wait_for(lambda: server.bot_texts(dm) == ["Echo: sharded hello"])

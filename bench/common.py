@@ -1,0 +1,151 @@
+"""Shared pieces of the benchmarks: the real stack (manager, worker, real model, SQLite
+in a temp dir), a reply target that timestamps what the user would see, and an
+event-loop lag monitor."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bot.config import Settings, default_cache_dir  # noqa: E402
+from bot.conversation import ConversationManager  # noqa: E402
+from bot.events import IncomingMessage  # noqa: E402
+from bot.worker import Worker  # noqa: E402
+from storage.engine import create_engine, init_db  # noqa: E402
+from storage.repository import SqlRepository  # noqa: E402
+
+
+class TimingTarget:
+    """A ReplyTarget that records when the first text and the last edit arrived."""
+
+    max_chars = 1_000_000
+    edit_interval = 0.0
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.messages: list[str] = []
+        self.first_text = asyncio.Event()
+
+    async def send(self, text: str) -> str:
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at = now
+            self.first_text.set()
+        self.last_at = now
+        self.messages.append(text)
+        return str(len(self.messages) - 1)
+
+    async def edit(self, message_id: str, text: str) -> None:
+        self.last_at = time.perf_counter()
+        self.messages[int(message_id)] = text
+
+    async def typing(self) -> None:
+        return None
+
+    async def sender_is_chat_admin(self) -> bool:
+        return False
+
+    @property
+    def ttft(self) -> float:
+        assert self.first_at is not None, "no reply"
+        return self.first_at - self.started
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.messages)
+
+
+class LoopLag:
+    """A ticker task: how late each 10 ms sleep wakes up is the loop's lag."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self.interval)
+            self.samples.append(max(0.0, time.perf_counter() - before - self.interval))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._tick(), name="loop-lag")
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    def percentile_ms(self, q: float) -> float:
+        if not self.samples:
+            return 0.0
+        ordered = sorted(self.samples)
+        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def max_ms(self) -> float:
+        return 1000 * max(self.samples, default=0.0)
+
+
+def event(text: str, user: str, message_id: int) -> IncomingMessage:
+    return IncomingMessage(
+        platform="console", chat_id="bench", user_id=user, display_name=user, message_id=str(message_id),
+        text=text, is_private=True, addressed_to_bot=True, timestamp=datetime.now(UTC),
+    )
+
+
+@dataclass
+class Stack:
+    manager: ConversationManager
+    worker: Worker
+    settings: Settings
+
+
+def load_default_engine() -> Any:
+    """The default model, through the user's model cache (so repeated runs are fast)."""
+    from bot.hf_model import load_engine
+
+    return load_engine(None, cache_dir=default_cache_dir(), context_tokens=2048, progress=print)
+
+
+@asynccontextmanager
+async def real_stack(engine: Any, **overrides: Any) -> AsyncIterator[Stack]:
+    """Manager + worker + SQLite (temp dir) around an already loaded engine."""
+    with tempfile.TemporaryDirectory() as tmp:
+        values: dict[str, Any] = {
+            "database_url": f"sqlite+aiosqlite:///{tmp}/bench.db",
+            "temperature": 0.0,
+            "max_new_tokens": 64,
+            "history_turns": 0,
+        }
+        values.update(overrides)
+        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        db = create_engine(settings.database_url)
+        await init_db(db)
+        try:
+            async with (
+                Worker(engine, max_batch_size=settings.max_batch_size, queue_size=settings.queue_size) as worker,
+                ConversationManager(settings, SqlRepository.from_engine(db), worker) as manager,
+            ):
+                yield Stack(manager, worker, settings)
+        finally:
+            await db.dispose()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
