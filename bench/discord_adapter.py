@@ -6,9 +6,11 @@ directory. A second process plays Discord: the fake server
 (`tests/fakes/discord_server.py`) on 127.0.0.1 and the users, so that, as in
 production, Discord's own work does not share the bot's interpreter.
 
-Load: each of N channels keeps one question in flight (a user @mentions the bot,
-waits for the whole answer, asks again) — or, with `--rate`, questions arrive at a
-fixed total rate spread over the channels. Latency runs from the fake dispatching
+By default it runs twice: capacity, with each of N channels keeping one question in
+flight (a user @mentions the bot, waits for the whole answer, asks again), which gives
+msgs_per_s; then latency under a steady 200 questions/s spread over the channels, which
+gives p50/p99 (with every channel always waiting, latency would only be N / throughput).
+`--rate R` runs the steady phase alone at R. Latency runs from the fake dispatching
 MESSAGE_CREATE to the first create/edit request carrying the complete reply
 (both times taken in the fake's process).
 
@@ -244,11 +246,28 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("discord").setLevel(logging.ERROR)  # no "PyNaCl is not installed"
 
-    plan = Plan(args.channels, args.seconds, args.rate, core=not args.no_core)
+    if args.rate is not None:
+        result = run_once(Plan(args.channels, args.seconds, args.rate, core=not args.no_core), args.profile)
+        print(json.dumps({k: result[k] for k in ("channels", "msgs_per_s", "p50_ms", "p99_ms")}))
+        return
+    # Default: capacity (every channel asks again as soon as its answer is complete),
+    # then latency under a steady 200 msgs/s offered over the same channels.
+    capacity = run_once(Plan(args.channels, args.seconds, None, core=not args.no_core), args.profile)
+    steady = run_once(Plan(args.channels, args.seconds, 200.0, core=not args.no_core), False)
+    print(json.dumps({
+        "channels": capacity["channels"],
+        "msgs_per_s": capacity["msgs_per_s"],
+        "p50_ms": steady["p50_ms"],
+        "p99_ms": steady["p99_ms"],
+    }))
+
+
+def run_once(plan: Plan, profiled: bool) -> dict[str, Any]:
+    """One run: the fake Discord in a second process, the bot here. Prints a summary."""
     ours, theirs = multiprocessing.get_context("spawn").Pipe()
     fake = multiprocessing.get_context("spawn").Process(target=discord_process, args=(plan, theirs), name="fake-discord")
     fake.start()
-    profile = cProfile.Profile() if args.profile else None
+    profile = cProfile.Profile() if profiled else None
     try:
         result = asyncio.run(bot_side(plan, ours, profile))
     finally:
@@ -259,13 +278,13 @@ def main() -> None:
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(30)
         print(out.getvalue())
-    load = f"{args.rate:g} questions/s offered" if args.rate else "one question in flight per channel"
-    core = "streaming echo, no core" if args.no_core else "manager + Worker(FakeEngine) + SQLite"
+    load = f"{plan.rate:g} questions/s offered" if plan.rate else "one question in flight per channel"
+    core = "manager + Worker(FakeEngine) + SQLite" if plan.core else "streaming echo, no core"
     print(f"channels: {result['channels']} ({load}; {core}); answered {result['messages']} in {result['seconds']} s")
-    print(f"throughput: {result['msgs_per_s']} messages/s, {result['requests_per_message']} REST requests each")
-    print(f"latency to the complete reply: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
-    print(f"bot process CPU: {result['bot_cpu_ms_per_message']} ms per message")
-    print(json.dumps({k: result[k] for k in ("channels", "msgs_per_s", "p50_ms", "p99_ms")}))
+    print(f"  throughput: {result['msgs_per_s']} messages/s, {result['requests_per_message']} REST requests each")
+    print(f"  latency to the complete reply: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
+    print(f"  bot process CPU: {result['bot_cpu_ms_per_message']} ms per message")
+    return result
 
 
 if __name__ == "__main__":

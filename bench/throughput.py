@@ -2,7 +2,7 @@
 real default model (greedy, 64 new tokens each, different short prompts).
 
 Prints human lines, then one JSON line:
-{"single_tok_s", "agg_tok_s_8", "agg_tok_s_32", "speedup_8", "speedup_32",
+{"single_tok_s", "agg_tok_s_8", "agg_tok_s_16", "agg_tok_s_32", "speedup_8", "speedup_32",
  "late_join_ttft_ratio", "greedy_identical", "rss_mib_32", "loop_lag_p99_ms"}
 """
 
@@ -97,6 +97,10 @@ async def main() -> None:
                 if a != b:
                     print(f"  differs: alone {a[:80]!r}\n           batch {b[:80]!r}")
 
+        wall16, made16, _ = await together(stack, PROMPTS[:16], "batch16-")
+        agg16 = made16 / wall16
+        print(f"16 users at once: {made16} tokens in {wall16:.1f} s = {agg16:.1f} tokens/s")
+
         with PeakRss() as rss:
             wall32, made32, _ = await together(stack, PROMPTS[:32], "batch32-")
         agg32 = made32 / wall32
@@ -117,6 +121,7 @@ async def main() -> None:
     print(json.dumps({
         "single_tok_s": round(single, 2),
         "agg_tok_s_8": round(agg8, 2),
+        "agg_tok_s_16": round(agg16, 2),
         "agg_tok_s_32": round(agg32, 2),
         "speedup_8": round(agg8 / single, 2),
         "speedup_32": round(agg32 / single, 2),

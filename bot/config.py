@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Field(default_factory=default_cache_dir)
     model_context_tokens: int = Field(2048, ge=64, le=1_000_000)
     model_allow_download: bool = False
-    max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_size: int = Field(16, ge=1, le=256)
     queue_size: int = Field(64, ge=1, le=10_000)
 
     # Session defaults (each can be overridden per session with /config set)

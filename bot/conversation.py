@@ -33,7 +33,7 @@ from bot.streaming import ReplyStreamer
 logger = logging.getLogger(__name__)
 
 TYPING_RENEW_S = 4.0  # Telegram shows "typing" for 5 s, Discord for 10 s
-TYPING_DELAY_S = 0.25  # an answer faster than this needs no indicator (saves a request)
+TYPING_DELAY_S = 1.0  # an answer that starts sooner needs no indicator (saves requests)
 MAX_WAITING_PER_CONVERSATION = 5
 EMPTY_REPLY = "(I have no answer to that.)"
 STOPPED_SUFFIX = " … [stopped]"
@@ -246,10 +246,14 @@ class ConversationManager:
         key = event.key
         settings = await self.commands.effective_settings(key)
         # Stored first: whatever happens to the reply, the user's message is kept.
-        await self._repo.add_message(
-            key, "user", event.text, await self._generator.count_tokens(event.text), event.message_id
+        history = await self._repo.add_and_recent(
+            key,
+            "user",
+            event.text,
+            await self._generator.count_tokens(event.text),
+            event.message_id,
+            int(settings["history_turns"]) + 1,
         )
-        history = await self._repo.recent_messages(key, int(settings["history_turns"]) + 1)
         prompt = await build_prompt(
             self._generator, str(settings["system_prompt"]), history, int(settings["max_new_tokens"])
         )

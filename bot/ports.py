@@ -50,6 +50,19 @@ class Repository(Protocol):
         """Append a message, creating the conversation on first use."""
         ...
 
+    async def add_and_recent(
+        self,
+        key: ConversationKey,
+        role: Role,
+        content: str,
+        token_count: int,
+        platform_message_id: str | None,
+        limit: int,
+    ) -> list[StoredMessage]:
+        """Append a message and read the newest `limit` messages (it included), oldest
+        first, in one unit of work."""
+        ...
+
     async def recent_messages(self, key: ConversationKey, limit: int) -> list[StoredMessage]:
         """The newest `limit` messages, oldest first. Cost does not grow with history size."""
         ...

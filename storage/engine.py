@@ -68,7 +68,9 @@ def create_engine(url: str) -> AsyncEngine:
         # sleeps in the busy handler (the latency tail under load): one connection
         # serializes the work without waits.
         pool: dict[str, Any] = (
-            {"pool_size": 1, "max_overflow": 0}
+            # Every unit of work ends in commit or rollback (`sessionmaker.begin()`),
+            # so the pool's extra rollback on check-in would be a wasted round trip.
+            {"pool_size": 1, "max_overflow": 0, "pool_reset_on_return": None}
             if backend == "sqlite" and _sqlite_file(parsed) is not None
             else {"pool_pre_ping": backend != "sqlite"}
         )

@@ -134,26 +134,63 @@ class SqlRepository:
         platform_message_id: str | None = None,
     ) -> StoredMessage:
         """Append a message, creating the conversation on first use."""
-        created_at = utcnow()
         async with self._transaction() as session:
-            conversation_id = self._conversation_ids.get(key)
-            if conversation_id is None:
-                conversation_id, _ = await self._upsert_conversation(session, key)
-            row = (
-                await session.execute(
-                    _INSERT_MESSAGE,
-                    {
-                        "conversation_id": conversation_id,
-                        "role": role,
-                        "content": content,
-                        "token_count": token_count,
-                        "platform_message_id": platform_message_id,
-                        "created_at": created_at,
-                    },
-                )
-            ).one()
-        self._remember(key, conversation_id)
-        return StoredMessage(row.id, role, content, token_count, created_at, platform_message_id)
+            message, conversation_id = await self._insert(
+                session, key, role, content, token_count, platform_message_id
+            )
+        self._remember(key, conversation_id)  # only once committed
+        return message
+
+    async def add_and_recent(
+        self,
+        key: ConversationKey,
+        role: Role,
+        content: str,
+        token_count: int,
+        platform_message_id: str | None,
+        limit: int,
+    ) -> list[StoredMessage]:
+        """Append a message and read the newest `limit` messages (it included), oldest
+        first, in one unit of work: a chat turn's first step."""
+        async with self._transaction() as session:
+            message, conversation_id = await self._insert(
+                session, key, role, content, token_count, platform_message_id
+            )
+            newest_first = (
+                await session.execute(_RECENT_BY_ID, {"conversation_id": conversation_id, "limit": limit})
+            ).all() if limit > 1 else []
+        self._remember(key, conversation_id)  # only once committed
+        if limit <= 1:
+            return [message][: max(limit, 0)]
+        return [StoredMessage(*row) for row in reversed(newest_first)]
+
+    async def _insert(
+        self,
+        session: AsyncSession,
+        key: ConversationKey,
+        role: Role,
+        content: str,
+        token_count: int,
+        platform_message_id: str | None,
+    ) -> tuple[StoredMessage, int]:
+        conversation_id = self._conversation_ids.get(key)
+        if conversation_id is None:
+            conversation_id, _ = await self._upsert_conversation(session, key)
+        created_at = utcnow()
+        row = (
+            await session.execute(
+                _INSERT_MESSAGE,
+                {
+                    "conversation_id": conversation_id,
+                    "role": role,
+                    "content": content,
+                    "token_count": token_count,
+                    "platform_message_id": platform_message_id,
+                    "created_at": created_at,
+                },
+            )
+        ).one()
+        return StoredMessage(row.id, role, content, token_count, created_at, platform_message_id), conversation_id
 
     async def recent_messages(self, key: ConversationKey, limit: int) -> list[StoredMessage]:
         """The newest `limit` messages, oldest first: one walk backwards along the

@@ -8,6 +8,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
+from bot import conversation
 from bot.conversation import EMPTY_REPLY, ConversationManager
 from bot.events import ConversationKey, IncomingMessage
 from tests.conftest import Harness
@@ -257,7 +260,10 @@ async def test_messages_not_addressed_to_the_bot_are_ignored(harness: Harness) -
     assert target.calls == [] and harness.engine.added == []
 
 
-async def test_typing_is_shown_while_generating_unless_the_answer_is_instant(harness: Harness) -> None:
+async def test_typing_is_shown_while_waiting_unless_the_answer_is_quick(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(conversation, "TYPING_DELAY_S", 0.2)
     async with harness.manager() as manager:
         instant = RecordingTarget()
         await manager.handle(msg("hi"), instant)

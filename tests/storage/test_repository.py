@@ -328,3 +328,15 @@ async def test_clear_chat_finds_its_rows_through_indexes(
     [plan] = await _query_plans(db_engine, deletes)
     assert not any("SCAN" in step for step in plan), plan
     assert any("ix_messages_conversation_id_id" in step for step in plan), plan
+
+
+async def test_add_and_recent_stores_then_reads_the_newest_in_one_go(repo: SqlRepository) -> None:
+    for i in range(5):
+        await repo.add_message(ALICE, "user", f"m{i}", 1)
+    newest = await repo.add_and_recent(ALICE, "user", "new", 2, "p9", 3)
+    assert [m.content for m in newest] == ["m3", "m4", "new"]
+    assert newest[-1].platform_message_id == "p9" and newest[-1].token_count == 2
+    assert [m.content for m in await repo.add_and_recent(BOB, "user", "first", 1, None, 10)] == ["first"]
+    assert [m.content for m in await repo.add_and_recent(BOB, "user", "only", 1, None, 1)] == ["only"]
+    assert await repo.add_and_recent(BOB, "user", "none", 1, None, 0) == []
+    assert [m.content for m in await repo.recent_messages(BOB, 10)] == ["first", "only", "none"]

@@ -11,6 +11,7 @@ import re
 import pytest
 
 from adapters.discord_adapter import ATTACHMENT_NOTE, MAX_CHARS, DiscordAdapter
+from bot import conversation
 from bot.commands import COMMANDS
 from bot.conversation import ConversationManager
 from bot.errors import BotError, ConfigError
@@ -26,7 +27,13 @@ from tests.adapters.discord.conftest import (
     discord_settings,
 )
 from tests.conftest import Harness
-from tests.fakes.discord_server import EPHEMERAL, LOADING, FakeAttachment, FakeDiscordServer, FakeInteraction
+from tests.fakes.discord_server import (
+    EPHEMERAL,
+    LOADING,
+    FakeAttachment,
+    FakeDiscordServer,
+    FakeInteraction,
+)
 from tests.fakes.fake_engine import FakeEngine
 
 INTENTS = (1 << 0) | (1 << 9) | (1 << 12) | (1 << 15)  # guilds, guild messages, DMs, message content
@@ -109,8 +116,10 @@ async def test_the_token_never_appears_in_the_logs(
 
 
 async def test_direct_message_is_answered_by_a_reply_streamed_through_edits(
-    server: FakeDiscordServer, world: World, run_adapter: RunAdapter, harness: Harness
+    server: FakeDiscordServer, world: World, run_adapter: RunAdapter, harness: Harness,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(conversation, "TYPING_DELAY_S", 0.05)
     harness.engine.step_delay = 0.01  # a reply that takes a while: typing, then edits
     async with harness.manager() as manager, run_adapter(manager, discord_edit_interval=0.01) as adapter:
         dm = server.dm_channel(world.alice)
