@@ -95,7 +95,12 @@ async def serve(settings: Settings, adapters: Sequence[Adapter] | None = None) -
             done, _ = await asyncio.wait(tasks | {stopper}, return_when=asyncio.FIRST_COMPLETED)
             code = 0
             for task in done - {stopper}:
-                if not task.cancelled() and (exc := task.exception()) is not None:
+                if task.cancelled() or (exc := task.exception()) is None:
+                    continue
+                if isinstance(exc, ConfigError):  # e.g. a rejected token: one clear line
+                    logger.error("Configuration error: %s", exc)
+                    code = EXIT_CONFIG
+                else:
                     logger.error("%s stopped with an error", task.get_name(), exc_info=exc)
                     code = 1
             logger.info("shutting down")

@@ -40,3 +40,24 @@ def test_secrets_are_never_logged(tmp_path: Path) -> None:
     proc = run_bot(tmp_path, TELEGRAM_TOKEN="123:very-secret-token", ADMIN_IDS="bad", LOG_LEVEL="DEBUG")
     assert proc.returncode == 2
     assert "very-secret-token" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.model
+def test_an_unreachable_platform_stops_with_one_line_naming_the_setting(
+    default_engine: object, model_cache_dir: Path, tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a free port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = run_bot(
+        tmp_path,
+        TELEGRAM_TOKEN="123:very-secret-token",
+        TELEGRAM_API_BASE=f"http://127.0.0.1:{port}",
+        MODEL_CACHE_DIR=str(model_cache_dir),
+    )
+    assert proc.returncode == 2
+    assert "Configuration error: TELEGRAM_API_BASE" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "very-secret-token" not in proc.stderr + proc.stdout
