@@ -9,23 +9,11 @@ import pytest
 from bot.commands import COMMANDS, parse_command
 from bot.events import ConversationKey, IncomingMessage
 from tests.conftest import Harness
+from tests.fakes.events import incoming
 from tests.fakes.targets import RecordingTarget
 
-_ids = iter(range(1, 1_000_000))
-
-
 def msg(text: str, *, user: str = "u1", chat: str = "g1", private: bool = False) -> IncomingMessage:
-    return IncomingMessage(
-        platform="telegram",
-        chat_id=chat,
-        user_id=user,
-        display_name=user,
-        message_id=str(next(_ids)),
-        text=text,
-        is_private=private,
-        addressed_to_bot=True,
-        timestamp=datetime.now(UTC),
-    )
+    return incoming(text, user=user, chat=chat, private=private)
 
 
 async def run(harness: Harness, text: str, *, user: str = "u1", chat_admin: bool = False, private: bool = False) -> str:

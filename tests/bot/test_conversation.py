@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -14,24 +13,12 @@ from bot import conversation
 from bot.conversation import EMPTY_REPLY, ConversationManager
 from bot.events import ConversationKey, IncomingMessage
 from tests.conftest import Harness
+from tests.fakes.events import incoming
 from tests.fakes.fake_engine import FakeEngine
 from tests.fakes.targets import RecordingTarget
 
-_ids = iter(range(1, 1_000_000))
-
-
 def msg(text: str, *, user: str = "u1", chat: str = "c1", private: bool = True) -> IncomingMessage:
-    return IncomingMessage(
-        platform="telegram",
-        chat_id=chat,
-        user_id=user,
-        display_name=f"User {user}",
-        message_id=str(next(_ids)),
-        text=text,
-        is_private=private,
-        addressed_to_bot=True,
-        timestamp=datetime.now(UTC),
-    )
+    return incoming(text, user=user, chat=chat, private=private)
 
 
 def key(user: str = "u1", chat: str = "c1") -> ConversationKey:
