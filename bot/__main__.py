@@ -122,7 +122,8 @@ def main() -> None:
     try:
         settings = load_settings()
     except ConfigError as exc:
-        print(f"Configuration error: {exc}", file=sys.stderr)  # logging is not set up yet
+        configure_logging("WARNING")  # LOG_LEVEL itself may be the bad setting
+        logger.error("Configuration error: %s", exc)
         sys.exit(EXIT_CONFIG)
     configure_logging(settings.log_level)
     try:
