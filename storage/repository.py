@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any, Unpack, cast
 
-from sqlalchemy import ColumnElement, ScalarSelect, bindparam, delete, distinct, func, insert, select, update
+from sqlalchemy import ColumnElement, ScalarSelect, Select, bindparam, delete, distinct, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -50,26 +50,27 @@ _ID_CACHE_SIZE = 100_000
 # The two statements of every chat turn, built once: SQLAlchemy then reuses their
 # compiled form without re-deriving cache keys.
 _INSERT_MESSAGE = insert(Message).returning(Message.id)
-_RECENT_BY_ID = (
-    select(*_MESSAGE_COLUMNS)
-    .where(Message.conversation_id == bindparam("conversation_id"))
-    .order_by(Message.id.desc())
-    .limit(bindparam("limit"))
-)
-_RECENT_BY_KEY = (
-    select(*_MESSAGE_COLUMNS)
-    .where(
-        Message.conversation_id
-        == select(Conversation.id)
-        .where(
-            Conversation.platform == bindparam("platform"),
-            Conversation.chat_id == bindparam("chat_id"),
-            Conversation.user_id == bindparam("user_id"),
-        )
-        .scalar_subquery()
+
+
+def _newest_messages(conversation_id: Any) -> Select[Unpack[tuple[Any, ...]]]:
+    """The newest `:limit` messages of a conversation, newest first."""
+    return (
+        select(*_MESSAGE_COLUMNS)
+        .where(Message.conversation_id == conversation_id)
+        .order_by(Message.id.desc())
+        .limit(bindparam("limit"))
     )
-    .order_by(Message.id.desc())
-    .limit(bindparam("limit"))
+
+
+_RECENT_BY_ID = _newest_messages(bindparam("conversation_id"))
+_RECENT_BY_KEY = _newest_messages(
+    select(Conversation.id)
+    .where(
+        Conversation.platform == bindparam("platform"),
+        Conversation.chat_id == bindparam("chat_id"),
+        Conversation.user_id == bindparam("user_id"),
+    )
+    .scalar_subquery()
 )
 
 
@@ -153,15 +154,13 @@ class SqlRepository:
         """Append a message and read the newest `limit` messages (it included), oldest
         first, in one unit of work: a chat turn's first step."""
         async with self._transaction() as session:
-            message, conversation_id = await self._insert(
+            _, conversation_id = await self._insert(
                 session, key, role, content, token_count, platform_message_id
             )
             newest_first = (
                 await session.execute(_RECENT_BY_ID, {"conversation_id": conversation_id, "limit": limit})
-            ).all() if limit > 1 else []
+            ).all() if limit > 0 else []
         self._remember(key, conversation_id)  # only once committed
-        if limit <= 1:
-            return [message][: max(limit, 0)]
         return [StoredMessage(*row) for row in reversed(newest_first)]
 
     async def _insert(
