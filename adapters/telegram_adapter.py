@@ -16,6 +16,7 @@ import logging
 import re
 import secrets
 import time
+import urllib.request
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -247,7 +248,8 @@ class AiohttpRequest(BaseRequest):
     already a dependency and costs far less CPU per request than httpx, which matters
     because every reply is several Bot API calls made from the one event loop.
     Timeouts and failures map to PTB's `TimedOut` and `NetworkError` as its own
-    transport does; proxies come from the usual environment variables.
+    transport does; proxies come from the usual environment variables (``HTTPS_PROXY``,
+    ``NO_PROXY``, ...), read once at `initialize`.
     """
 
     def __init__(
@@ -265,6 +267,8 @@ class AiohttpRequest(BaseRequest):
         self._connect_timeout = connect_timeout
         self._pool_timeout = pool_timeout
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[str, str] = {}
+        self._proxy_for_host: dict[tuple[str, str], str | None] = {}
 
     @property
     def read_timeout(self) -> float | None:
@@ -272,10 +276,14 @@ class AiohttpRequest(BaseRequest):
 
     async def initialize(self) -> None:
         if self._session is None or self._session.closed:
+            self._proxies = urllib.request.getproxies_environment()
+            self._proxy_for_host.clear()
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._pool_size),
                 headers={"User-Agent": self.USER_AGENT},
-                trust_env=True,
+                # aiohttp's own trust_env re-reads the environment and ~/.netrc in a
+                # thread on every request; the proxy is chosen here instead.
+                trust_env=False,
                 # PTB reads the body and handles every status itself.
                 raise_for_status=False,
             )
@@ -284,6 +292,18 @@ class AiohttpRequest(BaseRequest):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def proxy_for(self, url: str) -> str | None:
+        """The proxy the environment names for `url`, or None (also when NO_PROXY matches)."""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        key = (parts.scheme, host)
+        if key not in self._proxy_for_host:
+            proxy = None
+            if host and not urllib.request.proxy_bypass(host):
+                proxy = self._proxies.get(parts.scheme) or self._proxies.get("all")
+            self._proxy_for_host[key] = proxy
+        return self._proxy_for_host[key]
 
     async def do_request(
         self,
@@ -320,7 +340,9 @@ class AiohttpRequest(BaseRequest):
             else:
                 data = request_data.json_parameters
         try:
-            async with session.request(method, url, data=data, timeout=timeout) as response:
+            async with session.request(
+                method, url, data=data, timeout=timeout, proxy=self.proxy_for(url)
+            ) as response:
                 return response.status, await response.read()
         except TimeoutError as exc:
             raise TimedOut from exc

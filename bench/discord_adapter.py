@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import io
 import json
 import logging
@@ -212,6 +213,8 @@ async def bot_side(plan: Plan, pipe: Connection, profile: cProfile.Profile | Non
             ConversationManager(settings, SqlRepository.from_engine(db), worker) as manager,
         ):
             handler = manager if plan.core else StreamingEcho()
+            gc.collect()  # as bot/__main__.py does before serving
+            gc.freeze()
             task = asyncio.create_task(adapter.run(handler), name="bench:discord-adapter")
             try:
                 message = await asyncio.to_thread(pipe.recv)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import multiprocessing as mp
@@ -185,6 +186,8 @@ async def run_bot(conn: Connection, api_base: str, token: str, chats: int, adapt
 
     async def serve(handler: Any) -> dict[str, Any]:
         adapter = TelegramAdapter(settings, COMMANDS)
+        gc.collect()  # as bot/__main__.py does before serving
+        gc.freeze()
         task = asyncio.create_task(adapter.run(handler), name="bench:telegram")
         await asyncio.wait_for(adapter.started.wait(), timeout=30)
         conn.send("go")
@@ -221,7 +224,7 @@ async def run_bot(conn: Connection, api_base: str, token: str, chats: int, adapt
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--chats", type=int, default=50)
-    parser.add_argument("--messages", type=int, default=20, help="messages per chat in the capacity phase")
+    parser.add_argument("--messages", type=int, default=60, help="messages per chat in the capacity phase")
     parser.add_argument("--warmup", type=int, default=2, help="messages per chat before measuring")
     parser.add_argument("--rate", type=float, default=200.0, help="messages/s offered in the latency phase")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the latency phase")

@@ -1,12 +1,39 @@
-"""`bot.ports.Repository` on SQLAlchemy: one session, one transaction per method."""
+"""`bot.ports.Repository` on SQLAlchemy: one session, one transaction per unit of work.
+
+Appending messages is the hot path (two per chat turn), and SQLite takes one writer at
+a time, so appends are group-committed: the appends that arrive while a write is in
+progress are written together in the next unit of work, with one multi-row INSERT and
+one SELECT for all their histories. Under load that turns dozens of round trips
+through the database thread into a handful; alone, an append is written at once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import functools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Unpack, cast
 
-from sqlalchemy import ColumnElement, ScalarSelect, Select, bindparam, delete, distinct, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CompoundSelect,
+    ScalarSelect,
+    Select,
+    bindparam,
+    delete,
+    distinct,
+    func,
+    insert,
+    literal_column,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -16,6 +43,8 @@ from bot.errors import StorageError
 from bot.events import ConversationKey, Platform, Role
 from bot.ports import RepoStats, SettingValue, StoredMessage
 from storage.models import Conversation, Message, utcnow
+
+logger = logging.getLogger(__name__)
 
 # The dialects whose INSERT has ON CONFLICT (the race-safe way to create a conversation).
 _UPSERT_INSERTS: dict[str, Callable[[Any], sqlite.Insert | postgresql.Insert]] = {
@@ -47,9 +76,11 @@ _MESSAGE_COLUMNS = (
     Message.platform_message_id,
 )
 _ID_CACHE_SIZE = 100_000
-# The two statements of every chat turn, built once: SQLAlchemy then reuses their
-# compiled form without re-deriving cache keys.
-_INSERT_MESSAGE = insert(Message).returning(Message.id)
+# Appends written in one unit of work at most (SQLite allows 500 terms in a UNION).
+MAX_APPEND_BATCH = 64
+# Built once: SQLAlchemy then reuses the compiled form without re-deriving cache keys.
+# Run with a list of parameter sets it is one multi-row INSERT ... RETURNING.
+_INSERT_MESSAGES = insert(Message).returning(Message.id, Message.conversation_id)
 
 
 def _newest_messages(conversation_id: Any) -> Select[Unpack[tuple[Any, ...]]]:
@@ -63,6 +94,23 @@ def _newest_messages(conversation_id: Any) -> Select[Unpack[tuple[Any, ...]]]:
 
 
 _RECENT_BY_ID = _newest_messages(bindparam("conversation_id"))
+
+
+@functools.lru_cache(maxsize=MAX_APPEND_BATCH)
+def _newest_of_many(count: int) -> CompoundSelect[Unpack[tuple[Any, ...]]]:
+    """The newest `:limit_i` messages of conversations `:conversation_i` for i < count,
+    as one statement; each row starts with its i. Every part walks the index."""
+    parts = [
+        select(
+            select(literal_column(str(i)).label("part"), *_MESSAGE_COLUMNS)
+            .where(Message.conversation_id == bindparam(f"conversation_{i}"))
+            .order_by(Message.id.desc())
+            .limit(bindparam(f"limit_{i}"))
+            .subquery()
+        )
+        for i in range(count)
+    ]
+    return union_all(*parts)
 _RECENT_BY_KEY = _newest_messages(
     select(Conversation.id)
     .where(
@@ -74,16 +122,43 @@ _RECENT_BY_KEY = _newest_messages(
 )
 
 
+@dataclass(eq=False, slots=True)
+class _Append:
+    """One message waiting to be written, and what its caller wants back."""
+
+    key: ConversationKey
+    role: Role
+    content: str
+    token_count: int
+    platform_message_id: str | None
+    limit: int  # newest messages to read back once it is stored (0: none)
+    done: asyncio.Future[tuple[StoredMessage, list[StoredMessage]]]
+    created_at: datetime = field(default_factory=utcnow)
+
+    def params(self, conversation_id: int) -> dict[str, Any]:
+        return {
+            "conversation_id": conversation_id,
+            "role": self.role,
+            "content": self.content,
+            "token_count": self.token_count,
+            "platform_message_id": self.platform_message_id,
+            "created_at": self.created_at,
+        }
+
+
 class SqlRepository:
     """Conversation history and per-session settings in a SQL database.
 
-    Every method runs in its own session and transaction, and raises
-    `bot.errors.StorageError` when the database fails.
+    Every method runs in its own session and transaction, except that appends arriving
+    together share one (group commit); each still fails alone. Failures raise
+    `bot.errors.StorageError`. `close()` waits for appends in progress.
     """
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
         self._conversation_ids: dict[ConversationKey, int] = {}
+        self._appends: deque[_Append] = deque()
+        self._writer: asyncio.Task[None] | None = None
 
     @classmethod
     def from_engine(cls, engine: AsyncEngine) -> SqlRepository:
@@ -135,11 +210,7 @@ class SqlRepository:
         platform_message_id: str | None = None,
     ) -> StoredMessage:
         """Append a message, creating the conversation on first use."""
-        async with self._transaction() as session:
-            message, conversation_id = await self._insert(
-                session, key, role, content, token_count, platform_message_id
-            )
-        self._remember(key, conversation_id)  # only once committed
+        message, _ = await self._append(key, role, content, token_count, platform_message_id, 0)
         return message
 
     async def add_and_recent(
@@ -153,43 +224,129 @@ class SqlRepository:
     ) -> list[StoredMessage]:
         """Append a message and read the newest `limit` messages (it included), oldest
         first, in one unit of work: a chat turn's first step."""
-        async with self._transaction() as session:
-            _, conversation_id = await self._insert(
-                session, key, role, content, token_count, platform_message_id
-            )
-            newest_first = (
-                await session.execute(_RECENT_BY_ID, {"conversation_id": conversation_id, "limit": limit})
-            ).all() if limit > 0 else []
-        self._remember(key, conversation_id)  # only once committed
-        return [StoredMessage(*row) for row in reversed(newest_first)]
+        _, newest = await self._append(key, role, content, token_count, platform_message_id, limit)
+        return newest
 
-    async def _insert(
+    async def close(self) -> None:
+        """Wait until every append made so far is written."""
+        while self._writer is not None:
+            await asyncio.wait({self._writer})
+
+    # ------------------------------------------------------------------ group commit
+
+    async def _append(
         self,
-        session: AsyncSession,
         key: ConversationKey,
         role: Role,
         content: str,
         token_count: int,
         platform_message_id: str | None,
-    ) -> tuple[StoredMessage, int]:
-        conversation_id = self._conversation_ids.get(key)
-        if conversation_id is None:
-            conversation_id, _ = await self._upsert_conversation(session, key)
-        created_at = utcnow()
-        row = (
-            await session.execute(
-                _INSERT_MESSAGE,
-                {
-                    "conversation_id": conversation_id,
-                    "role": role,
-                    "content": content,
-                    "token_count": token_count,
-                    "platform_message_id": platform_message_id,
-                    "created_at": created_at,
-                },
+        limit: int,
+    ) -> tuple[StoredMessage, list[StoredMessage]]:
+        request = _Append(
+            key, role, content, token_count, platform_message_id, max(0, limit),
+            asyncio.get_running_loop().create_future(),
+        )
+        self._appends.append(request)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_appends(), name="storage:appends")
+        try:
+            return await asyncio.shield(request.done)
+        except asyncio.CancelledError:
+            if request in self._appends:  # not started: it never happens
+                self._appends.remove(request)
+            elif not request.done.done():
+                # Started: see it through, so what the caller does next (a /reset
+                # after a cancelled turn) finds it committed, not still in flight.
+                await asyncio.wait({request.done})
+            raise
+
+    async def _write_appends(self) -> None:
+        """The writer: drains the queue one unit of work at a time, then ends."""
+        batch: list[_Append] = []
+        try:
+            while self._appends:
+                batch = self._next_batch()
+                await self._write_batch(batch)
+        finally:
+            self._writer = None
+            # Anything left unanswered means this task was cancelled (the loop is closing).
+            for request in [*batch, *self._appends]:
+                _settle(request, error=StorageError("storage is shutting down"))
+            self._appends.clear()
+
+    def _next_batch(self) -> list[_Append]:
+        """The oldest appends, at most one per conversation (so each read-back sees its
+        own append as the newest message); later ones of a conversation keep their place."""
+        batch: list[_Append] = []
+        keys: set[ConversationKey] = set()
+        skipped: list[_Append] = []
+        while self._appends and len(batch) < MAX_APPEND_BATCH:
+            request = self._appends.popleft()
+            if request.key in keys:
+                skipped.append(request)
+            else:
+                keys.add(request.key)
+                batch.append(request)
+        self._appends.extendleft(reversed(skipped))
+        return batch
+
+    async def _write_batch(self, batch: list[_Append]) -> None:
+        try:
+            results = await self._commit_appends(batch)
+        except StorageError as exc:
+            if len(batch) == 1:
+                _settle(batch[0], error=exc)
+                return
+            # One bad message must not fail the others: write each on its own.
+            logger.warning("group commit of %d messages failed (%s); writing them one by one", len(batch), exc)
+            for request in batch:
+                await self._write_batch([request])
+            return
+        except Exception as exc:
+            logger.exception("unexpected error while storing messages")
+            for request in batch:
+                _settle(request, error=StorageError(f"database error: {type(exc).__name__}"))
+            return
+        for request, result in zip(batch, results, strict=True):
+            _settle(request, result=result)
+
+    async def _commit_appends(self, batch: Sequence[_Append]) -> list[tuple[StoredMessage, list[StoredMessage]]]:
+        """Store the batch (conversations at most once each) and read back the newest
+        messages each asked for, in one transaction."""
+        async with self._transaction() as session:
+            conversation_ids: list[int] = []
+            for request in batch:
+                conversation_id = self._conversation_ids.get(request.key)
+                if conversation_id is None:
+                    conversation_id, _ = await self._upsert_conversation(session, request.key)
+                conversation_ids.append(conversation_id)
+            rows = (
+                await session.execute(
+                    _INSERT_MESSAGES, [r.params(c) for r, c in zip(batch, conversation_ids, strict=True)]
+                )
+            ).all()
+            new_ids = {row.conversation_id: row.id for row in rows}
+            readers = [i for i, request in enumerate(batch) if request.limit > 0]
+            newest: dict[int, list[StoredMessage]] = {i: [] for i in readers}
+            if readers:
+                params: dict[str, Any] = {}
+                for part, i in enumerate(readers):
+                    params[f"conversation_{part}"] = conversation_ids[i]
+                    params[f"limit_{part}"] = batch[i].limit
+                for row in await session.execute(_newest_of_many(len(readers)), params):
+                    newest[readers[row[0]]].append(StoredMessage(*row[1:]))
+        for request, conversation_id in zip(batch, conversation_ids, strict=True):
+            self._remember(request.key, conversation_id)  # only once committed
+        return [
+            (
+                StoredMessage(
+                    new_ids[conversation_id], r.role, r.content, r.token_count, r.created_at, r.platform_message_id
+                ),
+                sorted(newest.get(i, []), key=_by_id),
             )
-        ).one()
-        return StoredMessage(row.id, role, content, token_count, created_at, platform_message_id), conversation_id
+            for i, (r, conversation_id) in enumerate(zip(batch, conversation_ids, strict=True))
+        ]
 
     async def recent_messages(self, key: ConversationKey, limit: int) -> list[StoredMessage]:
         """The newest `limit` messages, oldest first: one walk backwards along the
@@ -265,3 +422,22 @@ class SqlRepository:
         async with self._transaction() as session:
             row = (await session.execute(stmt)).one()
             return RepoStats(users=row[0], conversations=row[1], messages=row[2])
+
+
+def _by_id(message: StoredMessage) -> int:
+    return message.id
+
+
+def _settle(
+    request: _Append,
+    *,
+    result: tuple[StoredMessage, list[StoredMessage]] | None = None,
+    error: BaseException | None = None,
+) -> None:
+    if request.done.done():
+        return
+    if error is not None:
+        request.done.set_exception(error)
+    else:
+        assert result is not None
+        request.done.set_result(result)

@@ -224,24 +224,118 @@ async def test_database_failures_raise_storage_error(
         await repo.add_message(ALICE, "user", "q", 1)
 
 
-async def test_cancelling_a_call_waiting_for_a_lock_raises_cancelled_error(
+async def test_a_cancelled_append_already_being_written_is_committed_before_cancelled_error(
     repo: SqlRepository, db_path: Path
 ) -> None:
     await repo.add_message(ALICE, "user", "first", 1)
     blocker = sqlite3.connect(db_path, isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
-        blocked = repo.add_message(ALICE, "user", "blocked", 1)
-        task = asyncio.create_task(blocked, name="blocked-add")
+        task = asyncio.create_task(repo.add_message(ALICE, "user", "blocked", 1), name="blocked-add")
         await asyncio.sleep(0.2)
-        assert not task.done()
         task.cancel()
+        await asyncio.sleep(0.1)
+        assert not task.done()  # the caller waits for the write it started
         blocker.execute("ROLLBACK")
         with pytest.raises(asyncio.CancelledError):
             await task
     finally:
         blocker.close()
-    assert [m.content for m in await repo.recent_messages(ALICE, 10)] == ["first"]
+    # Committed by the time the caller saw CancelledError: a /reset that runs next
+    # can never have the message land after it.
+    assert [m.content for m in await repo.recent_messages(ALICE, 10)] == ["first", "blocked"]
+
+
+async def test_a_cancelled_append_still_waiting_its_turn_is_never_written(
+    repo: SqlRepository, db_path: Path
+) -> None:
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        writing = asyncio.create_task(repo.add_message(ALICE, "user", "being written", 1))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(repo.add_message(BOB, "user", "waiting", 1))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting  # at once: nothing of it was started
+        assert not writing.done()
+        blocker.execute("ROLLBACK")
+        await writing
+    finally:
+        blocker.close()
+    assert [m.content for m in await repo.recent_messages(ALICE, 10)] == ["being written"]
+    assert await repo.recent_messages(BOB, 10) == []
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+def _commits(engine: AsyncEngine) -> list[int]:
+    """Grows by one for every committed transaction from now on."""
+    seen: list[int] = []
+
+    @event.listens_for(engine.sync_engine, "commit")
+    def count(_conn: Any) -> None:
+        seen.append(1)
+
+    return seen
+
+
+async def test_appends_arriving_together_share_one_transaction_and_statement(
+    repo: SqlRepository, db_engine: AsyncEngine
+) -> None:
+    keys = [ConversationKey("telegram", "group", f"user{i}") for i in range(30)]
+    for key in keys:
+        await repo.add_message(key, "user", f"{key.user_id} earlier", 1)
+    seen = _captured_sql(db_engine)
+    commits = _commits(db_engine)
+
+    histories = await asyncio.gather(
+        *(repo.add_and_recent(key, "user", f"{key.user_id} now", 2, f"p{i}", 5) for i, key in enumerate(keys))
+    )
+
+    for i, (key, history) in enumerate(zip(keys, histories, strict=True)):
+        assert [m.content for m in history] == [f"{key.user_id} earlier", f"{key.user_id} now"]
+        assert history[-1].platform_message_id == f"p{i}" and history[-1].token_count == 2
+        assert history[0].id < history[1].id
+    inserts = [sql for sql, _ in seen if sql.lstrip().upper().startswith("INSERT")]
+    selects = [sql for sql, _ in seen if sql.lstrip().upper().startswith("SELECT")]
+    # All 30 were queued before the writer ran: one transaction, one INSERT, one SELECT.
+    assert (len(commits), len(inserts), len(selects)) == (1, 1, 1)
+
+
+async def test_appends_to_one_conversation_are_written_in_order_each_seeing_only_its_past(
+    repo: SqlRepository,
+) -> None:
+    histories = await asyncio.gather(*(repo.add_and_recent(ALICE, "user", f"m{i}", 1, None, 10) for i in range(6)))
+    for i, history in enumerate(histories):
+        assert [m.content for m in history] == [f"m{j}" for j in range(i + 1)]
+    assert [m.content for m in await repo.recent_messages(ALICE, 10)] == [f"m{i}" for i in range(6)]
+
+
+async def test_one_unstorable_append_fails_alone_in_a_group_commit(repo: SqlRepository) -> None:
+    keys = [ConversationKey("telegram", "group", f"user{i}") for i in range(6)]
+    texts = ["fine", "also fine", "bad \ud800 surrogate", "fine too", "and this", "last"]
+    results = await asyncio.gather(
+        *(repo.add_message(key, "user", content, 1) for key, content in zip(keys, texts, strict=True)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[2], StorageError)
+    for key, content, result in zip(keys, texts, results, strict=True):
+        if content.startswith("bad"):
+            assert await repo.recent_messages(key, 5) == []
+        else:
+            assert not isinstance(result, BaseException)
+            assert [m.content for m in await repo.recent_messages(key, 5)] == [content]
+
+
+async def test_close_waits_for_appends_in_progress(repo: SqlRepository) -> None:
+    tasks = [asyncio.create_task(repo.add_message(ALICE, "user", f"m{i}", 1)) for i in range(5)]
+    await asyncio.sleep(0)
+    await repo.close()
+    assert all(t.done() for t in tasks)
+    assert len(await repo.recent_messages(ALICE, 10)) == 5
 
 
 # --------------------------------------------------------------------------- scale
@@ -314,6 +408,29 @@ async def test_recent_messages_walks_the_index_even_with_100k_messages(
         for step in plan
     ), plan
     assert not any("SCAN" in step or "TEMP B-TREE" in step for step in plan), plan
+
+
+async def test_reading_back_a_group_commit_walks_the_index_per_conversation(
+    repo: SqlRepository, db_engine: AsyncEngine
+) -> None:
+    await _bulk_insert(db_engine, ALICE, 100_000)
+    await repo.add_message(BOB, "user", "bob 0", 1)
+    await repo.add_message(ALICE, "user", "warm the id cache", 1)
+    blocker = asyncio.create_task(repo.add_message(ALICE_ELSEWHERE, "user", "first", 1))
+    seen = _captured_sql(db_engine)
+
+    alice, bob = await asyncio.gather(
+        repo.add_and_recent(ALICE, "user", "a", 1, None, 3), repo.add_and_recent(BOB, "user", "b", 1, None, 3)
+    )
+    await blocker
+
+    assert [m.content for m in alice] == ["m99999", "warm the id cache", "a"]
+    assert [m.content for m in bob] == ["bob 0", "b"]
+    [batch_select] = [s for s in seen if s[0].lstrip().upper().startswith("SELECT") and "UNION ALL" in s[0]]
+    [plan] = await _query_plans(db_engine, [batch_select])
+    searches = [step for step in plan if "ix_messages_conversation_id_id" in step]
+    assert len(searches) == 2, plan
+    assert not any("SCAN messages" in step or "TEMP B-TREE" in step for step in plan), plan
 
 
 async def test_clear_chat_finds_its_rows_through_indexes(

@@ -247,6 +247,42 @@ async def test_an_unreachable_api_is_a_config_error_after_retries() -> None:
     assert caught.value.setting == "TELEGRAM_API_BASE"
 
 
+async def test_the_bot_api_is_reached_through_the_proxy_the_environment_names(
+    server: FakeTelegramServer, run_adapter: RunAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    # The fake server plays the proxy: the API host itself does not even resolve.
+    monkeypatch.setenv("HTTP_PROXY", server.api_base)
+    async with run_adapter(EchoHandler(), telegram_api_base="http://api.telegram.invalid"):
+        server.user_sends(PRIVATE_ALICE, ALICE, "via the proxy")
+        await server.wait_for(lambda: server.bot_texts(ALICE.id) == ["Echo: via the proxy"])
+
+
+def test_no_proxy_hosts_bypass_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters.telegram_adapter import AiohttpRequest
+
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,.internal")
+
+    async def proxies() -> list[str | None]:
+        request = AiohttpRequest()
+        await request.initialize()
+        try:
+            return [
+                request.proxy_for("https://api.telegram.org/bot/getMe"),
+                request.proxy_for("https://bots.internal/bot/getMe"),
+                request.proxy_for("http://localhost:8081/bot/getMe"),
+                request.proxy_for("http://api.telegram.org/bot/getMe"),
+            ]
+        finally:
+            await request.shutdown()
+
+    assert asyncio.run(proxies()) == ["http://proxy.example:3128", None, None, None]
+
+
 async def test_the_token_never_reaches_the_logs(
     server: FakeTelegramServer, run_adapter: RunAdapter, caplog: pytest.LogCaptureFixture
 ) -> None:
