@@ -260,7 +260,9 @@ class AiohttpRequest(BaseRequest):
         write_timeout: float | None = 5.0,
         connect_timeout: float | None = 5.0,
         pool_timeout: float | None = 1.0,
+        on_unauthorized: Callable[[], None] | None = None,
     ) -> None:
+        self._on_unauthorized = on_unauthorized
         self._pool_size = connection_pool_size
         self._read_timeout = read_timeout
         self._write_timeout = write_timeout
@@ -343,6 +345,8 @@ class AiohttpRequest(BaseRequest):
             async with session.request(
                 method, url, data=data, timeout=timeout, proxy=self.proxy_for(url)
             ) as response:
+                if response.status == 401 and self._on_unauthorized is not None:
+                    self._on_unauthorized()  # the token no longer works
                 return response.status, await response.read()
         except TimeoutError as exc:
             raise TimedOut from exc
@@ -563,6 +567,7 @@ class TelegramAdapter:
         self._link: _Link | None = None
         self._username = ""
         self._bot_id = 0
+        self._unauthorized = asyncio.Event()
         self.started = asyncio.Event()
         """Set once updates are being received (for tests and health checks)."""
         _hide_token(settings.telegram_token.get_secret_value())
@@ -575,8 +580,10 @@ class TelegramAdapter:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, handler: MessageHandler) -> None:
-        """Serve Telegram until cancelled."""
+        """Serve Telegram until cancelled. Raises `ConfigError` when the token is
+        rejected, at start-up or later."""
         self._handler = handler
+        self._unauthorized.clear()
         app = self._build_application()
         await self._initialize(app)
         # What `async with app:` does, with the start-up errors told apart above.
@@ -595,7 +602,12 @@ class TelegramAdapter:
                 mode = await self._start_updates(app)
                 logger.info("Telegram: serving as @%s (%s)", self._username, mode)
                 self.started.set()
-                await asyncio.Event().wait()  # until cancelled
+                # Until cancelled, or until Telegram refuses the token (revoked in
+                # @BotFather): PTB would only log that and stop polling for good.
+                await self._unauthorized.wait()
+                raise ConfigError(
+                    "TELEGRAM_TOKEN", "Telegram no longer accepts the token (revoked or replaced in @BotFather?)"
+                )
             finally:
                 await self._stop(app)
         finally:
@@ -623,7 +635,13 @@ class TelegramAdapter:
 
     def _transport(self, pool_size: int) -> AiohttpRequest:
         timeout = self._request_timeout
-        return AiohttpRequest(pool_size, read_timeout=timeout, write_timeout=timeout, connect_timeout=timeout)
+        return AiohttpRequest(
+            pool_size,
+            read_timeout=timeout,
+            write_timeout=timeout,
+            connect_timeout=timeout,
+            on_unauthorized=self._unauthorized.set,
+        )
 
     async def _initialize(self, app: PTBApplication) -> None:
         """`getMe` (through `app.initialize`), retried on network errors."""

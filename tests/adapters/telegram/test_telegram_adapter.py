@@ -235,6 +235,22 @@ async def test_a_rejected_token_is_a_config_error_that_does_not_show_the_token(
     assert not any("WRONG-secret" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_token_revoked_while_running_stops_the_adapter_with_a_config_error(
+    server: FakeTelegramServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    adapter = TelegramAdapter(telegram_settings(server), COMMANDS, retry=FAST_RETRY, poll_timeout=1.0)
+    task = asyncio.create_task(adapter.run(EchoHandler()))
+    await asyncio.wait_for(adapter.started.wait(), timeout=10)
+    old_token = server.token
+    server.token = "123456789:a-new-token-from-botfather"  # the old one is revoked
+
+    with pytest.raises(ConfigError) as caught:
+        await asyncio.wait_for(task, timeout=10)
+    assert caught.value.setting == "TELEGRAM_TOKEN"
+    assert "no longer accepts the token" in str(caught.value)
+    assert old_token not in caplog.text
+
+
 async def test_an_unreachable_api_is_a_config_error_after_retries() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
