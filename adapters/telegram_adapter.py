@@ -38,6 +38,7 @@ from telegram import (
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType
 from telegram.error import (
     BadRequest,
+    ChatMigrated,
     InvalidToken,
     NetworkError,
     RetryAfter,
@@ -444,6 +445,19 @@ class TelegramReplyTarget:
     def edit_interval(self) -> float:
         return self._link.edit_interval
 
+    async def _call(self, what: str, request: Callable[[], Awaitable[T]]) -> T:
+        """`request` under the retry policy; once more in the new chat if the group
+        was upgraded to a supergroup meanwhile (`request` reads `_chat_id` when run)."""
+        try:
+            return await self._link.retry.call(what, request)
+        except DeliveryError as exc:
+            if not isinstance(exc.__cause__, ChatMigrated):
+                raise
+            new_chat_id = exc.__cause__.new_chat_id
+            logger.info("Telegram: chat %s is now supergroup %s; %s goes there", self._chat_id, new_chat_id, what)
+            self._chat_id = new_chat_id
+            return await self._link.retry.call(what, request)
+
     def _check_open(self, what: str) -> Bot:
         if self._link.closed:
             raise DeliveryError(f"{what}: the Telegram adapter has stopped")
@@ -460,7 +474,7 @@ class TelegramReplyTarget:
                 self._chat_id, text, reply_parameters=reply, message_thread_id=self._thread_id
             )
 
-        message = await self._link.retry.call("sendMessage", request)
+        message = await self._call("sendMessage", request)
         return str(message.message_id)
 
     async def edit(self, message_id: str, text: str) -> None:
@@ -473,7 +487,7 @@ class TelegramReplyTarget:
                 if _NOT_MODIFIED not in exc.message.lower():
                     raise
 
-        await self._link.retry.call("editMessageText", request)
+        await self._call("editMessageText", request)
 
     async def typing(self) -> None:
         bot = self._check_open("sendChatAction")
@@ -481,7 +495,7 @@ class TelegramReplyTarget:
         async def request() -> bool:
             return await bot.send_chat_action(self._chat_id, ChatAction.TYPING, message_thread_id=self._thread_id)
 
-        await self._link.retry.call("sendChatAction", request)
+        await self._call("sendChatAction", request)
 
     async def sender_is_chat_admin(self) -> bool:
         if self._is_private:
@@ -498,7 +512,7 @@ class TelegramReplyTarget:
             return member.status in ADMIN_STATUSES
 
         try:
-            is_admin = await self._link.retry.call("getChatMember", request)
+            is_admin = await self._call("getChatMember", request)
         except DeliveryError as exc:  # fail closed: not known to be an admin
             logger.warning("Telegram: cannot check admin status in chat %s: %s", self._chat_id, exc)
             return False
@@ -743,6 +757,15 @@ class TelegramAdapter:
             logger.debug("Telegram: ignoring update %s without a new message", update.update_id)
             return
         assert self._link is not None and self._handler is not None
+        if message.migrate_from_chat_id is not None or message.migrate_to_chat_id is not None:
+            # Both sides of a group's upgrade to a supergroup arrive; moving twice is harmless.
+            old, new = (
+                (message.migrate_from_chat_id, message.chat.id)
+                if message.migrate_from_chat_id is not None
+                else (message.chat.id, message.migrate_to_chat_id)
+            )
+            await self._handler.move_chat("telegram", str(old), str(new))
+            return
         target = TelegramReplyTarget.for_message(self._link, message)
         try:
             event = to_event(message, self._username, self._bot_id)

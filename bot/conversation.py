@@ -25,7 +25,7 @@ from bot.errors import (
     GenerationError,
     InputRejected,
 )
-from bot.events import ConversationKey, IncomingMessage
+from bot.events import ConversationKey, IncomingMessage, Platform
 from bot.ports import GenerationParams, Generator, ReplyTarget, Repository, SamplingParams
 from bot.prompt import build_prompt
 from bot.streaming import ReplyStreamer
@@ -134,6 +134,16 @@ class ConversationManager:
             await self._reply(target, "Send me a message and I'll answer. /help lists the commands.")
             return
         await self._enqueue(event, target)
+
+    async def move_chat(self, platform: Platform, old_chat_id: str, new_chat_id: str) -> None:
+        """A chat got a new id (a Telegram group became a supergroup): its conversations,
+        history and settings go on under the new id. Never raises `BotError`."""
+        try:
+            moved = await self._repo.move_chat(platform, old_chat_id, new_chat_id)
+        except BotError:
+            logger.exception("%s chat %s is now %s, but its history could not be moved", platform, old_chat_id, new_chat_id)
+            return
+        logger.info("%s chat %s is now %s: %d conversation(s) moved", platform, old_chat_id, new_chat_id, moved)
 
     def _check_input(self, text: str) -> None:
         if len(text) > self._settings.max_input_chars:

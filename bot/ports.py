@@ -75,6 +75,11 @@ class Repository(Protocol):
         """Delete the messages of every conversation in a chat. Returns how many."""
         ...
 
+    async def move_chat(self, platform: Platform, old_chat_id: str, new_chat_id: str) -> int:
+        """Give a chat's conversations (history and settings) a new chat id, except those
+        of users who already have one under the new id. Returns how many moved."""
+        ...
+
     async def get_settings(self, key: ConversationKey) -> dict[str, SettingValue]:
         """The session's stored overrides (empty when none)."""
         ...
@@ -219,6 +224,11 @@ class MessageHandler(Protocol):
     async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
         """Handle one message; returns when its reply is complete. Never raises
         `BotError` (users get an explanation instead)."""
+        ...
+
+    async def move_chat(self, platform: Platform, old_chat_id: str, new_chat_id: str) -> None:
+        """The platform gave a chat a new id (a Telegram group upgraded to a supergroup):
+        its conversations go on under the new one. Never raises `BotError`."""
         ...
 
 

@@ -381,6 +381,28 @@ class SqlRepository:
         )
         return await self._delete_messages(Message.conversation_id.in_(in_chat))
 
+    async def move_chat(self, platform: Platform, old_chat_id: str, new_chat_id: str) -> int:
+        """Give a chat's conversations (history and settings) a new chat id, except those
+        of users who already have one under the new id. Returns how many moved."""
+        already_there = select(Conversation.user_id).where(
+            Conversation.platform == platform, Conversation.chat_id == new_chat_id
+        )
+        stmt = (
+            update(Conversation)
+            .where(
+                Conversation.platform == platform,
+                Conversation.chat_id == old_chat_id,
+                Conversation.user_id.not_in(already_there),
+            )
+            .values(chat_id=new_chat_id)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._transaction() as session:
+            result = cast(CursorResult[Any], await session.execute(stmt))
+            # Cached ids of the old keys stay right: a conversation keeps its id, so a
+            # reply still being stored under the old key lands in the moved history.
+            return result.rowcount
+
     async def _delete_messages(self, where: ColumnElement[bool]) -> int:
         stmt = delete(Message).where(where).execution_options(synchronize_session=False)
         async with self._transaction() as session:

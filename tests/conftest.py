@@ -70,6 +70,7 @@ class Harness:
 
     async def restart_database(self) -> None:
         """Dispose the engine and open a new one on the same file, as a restart would."""
+        await self.repo.close()
         await self.db.dispose()
         self.db = create_engine(f"sqlite+aiosqlite:///{self.db_path}")
         await init_db(self.db)
@@ -83,4 +84,5 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     await init_db(db)
     h = Harness(db_path, FakeEngine(), db, SqlRepository.from_engine(db))
     yield h
+    await h.repo.close()
     await h.db.dispose()

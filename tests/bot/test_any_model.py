@@ -48,4 +48,5 @@ async def test_tiny_gpt2_directory_answers_through_the_fallback_format(tiny_gpt2
             prompt = engine.decode(await worker.render_prompt("Be nice.", []))
             assert prompt.startswith("Be nice.") and prompt.rstrip().endswith("Assistant:")
     finally:
+        await repo.close()
         await db.dispose()

@@ -36,6 +36,7 @@ class EchoHandler:
         self.errors: list[DeliveryError] = []
         self.finished: list[str] = []
         self.admin_checks: list[bool] = []
+        self.moves: list[tuple[str, str, str]] = []
         self.gates: dict[str, asyncio.Event] = {}
         self.started: dict[str, asyncio.Event] = {}
         self.reply_for = reply_for or (lambda text: f"Echo: {text}")
@@ -67,6 +68,9 @@ class EchoHandler:
                 raise
             return
         self.finished.append(event.text)
+
+    async def move_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        self.moves.append((platform, old_chat_id, new_chat_id))
 
     def texts(self) -> list[str]:
         return [e.text for e in self.events]

@@ -196,6 +196,7 @@ class FakeTelegramServer:
         self._changed = asyncio.Event()
         self._failures: list[_Failure] = []
         self._blocked: dict[int, str] = {}
+        self._migrated: dict[int, int] = {}
         self._delays: list[tuple[str, float]] = []
         self._members: dict[tuple[int, int], str] = {}
         self._users: dict[int, User] = {bot_id: self.bot}
@@ -364,6 +365,15 @@ class FakeTelegramServer:
         """From now on every message, edit and chat action in `chat_id` fails with 403."""
         self._blocked[chat_id] = description
 
+    def upgrade(self, group: Chat, supergroup: Chat, by: User) -> None:
+        """`by` turns `group` into `supergroup`, as Telegram does: a service message in
+        each (``migrate_to_chat_id`` in the old, ``migrate_from_chat_id`` in the new), and
+        from then on every call for the old id fails with 400 and ``migrate_to_chat_id``."""
+        assert group.type == "group" and supergroup.type == "supergroup"
+        self._migrated[group.id] = supergroup.id
+        self._user_message(group, by, {"migrate_to_chat_id": supergroup.id}, None)
+        self._user_message(supergroup, by, {"migrate_from_chat_id": group.id}, None)
+
     def set_member_status(self, chat_id: int, user_id: int, status: str) -> None:
         """``creator``, ``administrator``, ``member``, ``left`` or ``kicked``."""
         assert status in ("creator", "administrator", "member", "left", "kicked")
@@ -510,6 +520,12 @@ class FakeTelegramServer:
             raise _bad_request("chat not found")
         if chat.id in self._blocked:
             raise _ApiError(403, self._blocked[chat.id])
+        if chat.id in self._migrated:
+            raise _ApiError(
+                400,
+                "Bad Request: group chat was upgraded to a supergroup chat",
+                {"migrate_to_chat_id": self._migrated[chat.id]},
+            )
         return chat
 
     @staticmethod

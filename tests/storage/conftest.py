@@ -30,6 +30,8 @@ async def db_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
         yield engine
 
 
-@pytest.fixture
-def repo(db_engine: AsyncEngine) -> SqlRepository:
-    return SqlRepository.from_engine(db_engine)
+@pytest_asyncio.fixture(loop_scope="function")
+async def repo(db_engine: AsyncEngine) -> AsyncIterator[SqlRepository]:
+    repository = SqlRepository.from_engine(db_engine)
+    yield repository
+    await repository.close()  # before the engine is disposed

@@ -149,6 +149,28 @@ async def test_deleting_a_conversation_cascades_to_its_messages(
     assert remaining == 1
 
 
+async def test_move_chat_carries_history_and_settings_except_where_the_user_is_already_there(
+    repo: SqlRepository,
+) -> None:
+    await repo.add_message(ALICE, "user", "alice in the old chat", 1)
+    await repo.add_message(BOB, "user", "bob in the old chat", 1)
+    await repo.set_setting(BOB, "temperature", 0.3)
+    alice_new = ConversationKey("telegram", "chat-9", "alice")
+    bob_new = ConversationKey("telegram", "chat-9", "bob")
+    await repo.add_message(alice_new, "user", "alice got there first", 1)
+
+    assert await repo.move_chat("telegram", "chat-1", "chat-9") == 1
+    assert await repo.move_chat("telegram", "chat-1", "chat-9") == 0  # idempotent
+
+    assert [m.content for m in await repo.recent_messages(bob_new, 5)] == ["bob in the old chat"]
+    assert await repo.get_settings(bob_new) == {"temperature": 0.3}
+    assert [m.content for m in await repo.recent_messages(alice_new, 5)] == ["alice got there first"]
+    assert [m.content for m in await repo.recent_messages(ALICE, 5)] == ["alice in the old chat"]
+    # A reply still being stored under the old key joins the moved conversation.
+    await repo.add_message(BOB, "assistant", "late reply", 1)
+    assert [m.content for m in await repo.recent_messages(bob_new, 5)] == ["bob in the old chat", "late reply"]
+
+
 async def test_settings_keep_their_types_and_can_be_overwritten_and_cleared(
     repo: SqlRepository,
 ) -> None:

@@ -360,6 +360,25 @@ async def test_errors_that_do_not_go_away_become_a_delivery_error(
     assert len(server.calls_to("sendMessage")) == 1 + FAST_RETRY.attempts
 
 
+async def test_a_group_upgraded_to_a_supergroup_mid_reply_gets_the_reply_there_and_its_chat_moved(
+    server: FakeTelegramServer, run_adapter: RunAdapter
+) -> None:
+    upgraded = Chat.supergroup(-1_000_000_000_777, "Tea party, upgraded")
+    handler = EchoHandler()
+    handler.gates["hello"] = asyncio.Event()
+    async with run_adapter(handler):
+        server.user_sends(GROUP, ALICE, "@LlmTestBot hello")
+        await asyncio.wait_for(handler.started.setdefault("hello", asyncio.Event()).wait(), timeout=5)
+        server.upgrade(GROUP, upgraded, by=ALICE)
+        await server.wait_for(lambda: len(handler.moves) == 2)
+        handler.gates["hello"].set()
+        await server.wait_for(lambda: server.bot_texts(upgraded.id) == ["Echo: hello"])
+
+    # Both service messages name the same move; the repository makes the second a no-op.
+    assert handler.moves == [("telegram", str(GROUP.id), str(upgraded.id))] * 2
+    assert server.bot_messages(GROUP.id) == [] and not handler.errors
+
+
 async def test_a_blocked_chat_raises_delivery_error_and_other_chats_are_still_served(
     server: FakeTelegramServer, run_adapter: RunAdapter, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -3,6 +3,7 @@ the real `ConversationManager`, `Worker(FakeEngine)` and a SQLite repository."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from bot.conversation import ConversationManager
 from bot.events import ConversationKey
 from tests.adapters.telegram.conftest import ALICE, BOB, CAROL, GROUP, RunAdapter
+from storage.repository import SqlRepository
 from tests.conftest import Harness
 from tests.fakes.fake_engine import SPECIAL_BASE, FakeEngine
 from tests.fakes.telegram_server import Chat, FakeTelegramServer, User
@@ -184,3 +186,28 @@ async def test_stopping_the_adapter_while_the_manager_runs_is_clean(
             await ask(server, PRIVATE_BOB, BOB, "two", "Echo: two")
     stored = await harness.repo.recent_messages(tg_key(PRIVATE_BOB, BOB.id), 10)
     assert [m.content for m in stored] == ["one", "Echo: one", "two", "Echo: two"]
+
+
+async def test_history_and_settings_follow_a_group_upgraded_to_a_supergroup(
+    server: FakeTelegramServer, run_adapter: RunAdapter, harness: Harness
+) -> None:
+    upgraded = Chat.supergroup(-1_000_000_000_778, "Tea party, upgraded")
+    settings = overrides(server)  # ALICE is a bot admin: she may /config set
+    async with harness.manager(**settings) as manager, run_adapter(manager, settings=harness.settings(**settings)):
+        await ask(server, GROUP, ALICE, "@LlmTestBot my name is Alice", "Echo: my name is Alice")
+        await ask(server, GROUP, ALICE, "/config set max_new_tokens 100", lambda text: "100" in text)
+        server.upgrade(GROUP, upgraded, by=ALICE)
+        for _ in range(250):  # the move is one quick UPDATE; wait until it is committed
+            if await harness.repo.recent_messages(tg_key(upgraded, ALICE.id), 1):
+                break
+            await asyncio.sleep(0.02)
+        await ask(server, upgraded, ALICE, "@LlmTestBot what is my name?", "Echo: what is my name?")
+        await ask(server, upgraded, ALICE, "/config", lambda text: "100" in text)
+
+    assert "my name is Alice" in harness.engine.added[-1]  # the old turns are in the prompt
+    stored = await harness.repo.recent_messages(tg_key(upgraded, ALICE.id), 10)
+    assert [m.content for m in stored] == [
+        "my name is Alice", "Echo: my name is Alice", "what is my name?", "Echo: what is my name?"
+    ]
+    # Nothing stays behind under the old chat id (a fresh repository: no cached ids).
+    assert await SqlRepository.from_engine(harness.db).recent_messages(tg_key(GROUP, ALICE.id), 10) == []
