@@ -106,7 +106,8 @@ def to_event(message: Message, bot_username: str, bot_id: int) -> IncomingMessag
     Private chats: every text message. Groups: only a mention of the bot (stripped from
     the text), a reply to one of the bot's messages, or a command at the start of the
     message (``/cmd@thisbot`` becomes ``/cmd``; ``/cmd@otherbot`` is not for us).
-    Messages without text (photos, stickers, ...) give None.
+    Messages without text (photos, stickers, ...) give None. In a forum, each topic is
+    its own chat (``"<chat id>/<topic id>"``), so its conversations are separate.
     """
     text = message.text
     user = message.from_user
@@ -147,9 +148,12 @@ def to_event(message: Message, bot_username: str, bot_id: int) -> IncomingMessag
         text = _remove_spans(text, mention_spans + suffix_spans).strip()
     elif suffix_spans:
         text = _remove_spans(text, suffix_spans)
+    chat_id = str(message.chat.id)
+    if message.is_topic_message and message.message_thread_id is not None:
+        chat_id += f"/{message.message_thread_id}"  # a forum topic is a chat of its own
     return IncomingMessage(
         platform="telegram",
-        chat_id=str(message.chat.id),
+        chat_id=chat_id,
         user_id=str(user.id),
         display_name=user.full_name or user.username or str(user.id),
         message_id=str(message.message_id),

@@ -109,6 +109,19 @@ def test_a_forum_topic_message_is_not_a_reply_to_the_topic_starter() -> None:
     assert text_of(msg) is None
 
 
+def test_each_forum_topic_is_a_chat_of_its_own() -> None:
+    def chat_of(**extra: Any) -> str:
+        event = to_event(message("@LlmTestBot hi", chat=SUPERGROUP, **extra), "LlmTestBot", BOT_ID)
+        assert event is not None
+        return event.chat_id
+
+    assert chat_of(message_thread_id=5, is_topic_message=True) == "-1000000000001/5"
+    assert chat_of(message_thread_id=9, is_topic_message=True) == "-1000000000001/9"
+    assert chat_of() == "-1000000000001"  # the General topic
+    # A reply thread outside forums has a thread id too, but is not a topic.
+    assert chat_of(message_thread_id=3) == "-1000000000001"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
