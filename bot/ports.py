@@ -37,7 +37,9 @@ class RepoStats:
 
 
 class Repository(Protocol):
-    """Conversation history and per-session settings. Every method is one unit of work."""
+    """Conversation history and per-session settings. Every method is one unit of work;
+    an implementation may commit appends that arrive together in one transaction, as
+    long as each call still succeeds or fails on its own."""
 
     async def add_message(
         self,
