@@ -11,6 +11,7 @@ through `AiohttpRequest`, PTB's transport interface on aiohttp.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dtm
 import logging
 import re
@@ -21,7 +22,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 from telegram import (
@@ -275,7 +276,7 @@ class AiohttpRequest(BaseRequest):
         self._pool_timeout = pool_timeout
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[str, str] = {}
-        self._proxy_for_host: dict[tuple[str, str], str | None] = {}
+        self._proxy_for_host: dict[tuple[str, str], tuple[str, dict[str, str]] | None] = {}
 
     @property
     def read_timeout(self) -> float | None:
@@ -300,16 +301,24 @@ class AiohttpRequest(BaseRequest):
             await self._session.close()
             self._session = None
 
-    def proxy_for(self, url: str) -> str | None:
-        """The proxy the environment names for `url`, or None (also when NO_PROXY matches)."""
+    def proxy_for(self, url: str) -> tuple[str, dict[str, str]] | None:
+        """The proxy the environment names for `url` and the headers it needs (its
+        credentials), or None (also when NO_PROXY matches)."""
         parts = urlsplit(url)
         host = parts.hostname or ""
         key = (parts.scheme, host)
         if key not in self._proxy_for_host:
-            proxy = None
-            if host and not urllib.request.proxy_bypass(host):
-                proxy = self._proxies.get(parts.scheme) or self._proxies.get("all")
-            self._proxy_for_host[key] = proxy
+            found = None
+            named = self._proxies.get(parts.scheme) or self._proxies.get("all")
+            if host and named and not urllib.request.proxy_bypass(host):
+                proxy = urlsplit(named)
+                headers = {}
+                if proxy.username is not None:
+                    credentials = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
+                    headers["Proxy-Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+                netloc = proxy.netloc.rpartition("@")[2]  # credentials go in the header only
+                found = (urlunsplit(proxy._replace(netloc=netloc)), headers)
+            self._proxy_for_host[key] = found
         return self._proxy_for_host[key]
 
     async def do_request(
@@ -346,9 +355,10 @@ class AiohttpRequest(BaseRequest):
                 data = form
             else:
                 data = request_data.json_parameters
+        proxy, proxy_headers = self.proxy_for(url) or (None, None)
         try:
             async with session.request(
-                method, url, data=data, timeout=timeout, proxy=self.proxy_for(url)
+                method, url, data=data, timeout=timeout, proxy=proxy, proxy_headers=proxy_headers
             ) as response:
                 if response.status == 401 and self._on_unauthorized is not None:
                     self._on_unauthorized()  # the token no longer works

@@ -280,10 +280,10 @@ def test_no_proxy_hosts_bypass_the_proxy(monkeypatch: pytest.MonkeyPatch) -> Non
 
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("HTTPS_PROXY", "http://bot:s3cret@proxy.example:3128")
     monkeypatch.setenv("NO_PROXY", "localhost,.internal")
 
-    async def proxies() -> list[str | None]:
+    async def proxies() -> list[tuple[str, dict[str, str]] | None]:
         request = AiohttpRequest()
         await request.initialize()
         try:
@@ -296,7 +296,8 @@ def test_no_proxy_hosts_bypass_the_proxy(monkeypatch: pytest.MonkeyPatch) -> Non
         finally:
             await request.shutdown()
 
-    assert asyncio.run(proxies()) == ["http://proxy.example:3128", None, None, None]
+    credentials = {"Proxy-Authorization": "Basic Ym90OnMzY3JldA=="}  # bot:s3cret, not in the URL
+    assert asyncio.run(proxies()) == [("http://proxy.example:3128", credentials), None, None, None]
 
 
 async def test_the_token_never_reaches_the_logs(
