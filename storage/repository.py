@@ -83,34 +83,24 @@ MAX_APPEND_BATCH = 64
 _INSERT_MESSAGES = insert(Message).returning(Message.id, Message.conversation_id)
 
 
-def _newest_messages(conversation_id: Any) -> Select[Unpack[tuple[Any, ...]]]:
-    """The newest `:limit` messages of a conversation, newest first."""
+def _newest_messages(
+    conversation_id: Any, limit: Any = None, *, part: int | None = None
+) -> Select[Unpack[tuple[Any, ...]]]:
+    """The newest `limit` (default `:limit`) messages of a conversation, newest first,
+    by one walk backwards along the (conversation_id, id) index. With `part`, each row
+    starts with that number."""
+    columns: tuple[Any, ...] = _MESSAGE_COLUMNS
+    if part is not None:
+        columns = (literal_column(str(part)).label("part"), *columns)
     return (
-        select(*_MESSAGE_COLUMNS)
+        select(*columns)
         .where(Message.conversation_id == conversation_id)
         .order_by(Message.id.desc())
-        .limit(bindparam("limit"))
+        .limit(bindparam("limit") if limit is None else limit)
     )
 
 
 _RECENT_BY_ID = _newest_messages(bindparam("conversation_id"))
-
-
-@functools.lru_cache(maxsize=MAX_APPEND_BATCH)
-def _newest_of_many(count: int) -> CompoundSelect[Unpack[tuple[Any, ...]]]:
-    """The newest `:limit_i` messages of conversations `:conversation_i` for i < count,
-    as one statement; each row starts with its i. Every part walks the index."""
-    parts = [
-        select(
-            select(literal_column(str(i)).label("part"), *_MESSAGE_COLUMNS)
-            .where(Message.conversation_id == bindparam(f"conversation_{i}"))
-            .order_by(Message.id.desc())
-            .limit(bindparam(f"limit_{i}"))
-            .subquery()
-        )
-        for i in range(count)
-    ]
-    return union_all(*parts)
 _RECENT_BY_KEY = _newest_messages(
     select(Conversation.id)
     .where(
@@ -120,6 +110,20 @@ _RECENT_BY_KEY = _newest_messages(
     )
     .scalar_subquery()
 )
+
+
+@functools.lru_cache(maxsize=MAX_APPEND_BATCH)
+def _newest_of_many(count: int) -> CompoundSelect[Unpack[tuple[Any, ...]]]:
+    """`_newest_messages` of conversations `:conversation_i` (`:limit_i` each) for
+    i < count, as one statement; each row starts with its i."""
+    return union_all(
+        *(
+            select(
+                _newest_messages(bindparam(f"conversation_{i}"), bindparam(f"limit_{i}"), part=i).subquery()
+            )
+            for i in range(count)
+        )
+    )
 
 
 @dataclass(eq=False, slots=True)
