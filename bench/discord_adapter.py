@@ -45,7 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.fakes.discord_server import FakeChannel, FakeDiscordServer, FakeUser, RestCall  # noqa: E402
+from tests.fakes.discord.server import FakeChannel, FakeDiscordServer, FakeUser, RestCall  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class StreamingEcho:
     send, edits) without storage or model, to measure the Discord layer alone."""
 
     async def handle(self, event: Any, target: Any) -> None:
-        from bot.streaming import ReplyStreamer
+        from bot.chat.streaming import ReplyStreamer
 
         await target.typing()
         streamer = ReplyStreamer(target)
@@ -183,12 +183,12 @@ def discord_process(plan: Plan, pipe: Connection) -> None:
 
 
 async def bot_side(plan: Plan, pipe: Connection, profile: cProfile.Profile | None) -> dict[str, Any]:
-    from adapters.discord_adapter import DiscordAdapter
-    from bot.commands import COMMANDS
+    from adapters.discord.adapter import DiscordAdapter
+    from bot.chat.commands import COMMANDS
+    from bot.chat.conversation import ConversationManager
     from bot.config import Settings
-    from bot.conversation import ConversationManager
-    from bot.worker import Worker
-    from storage.engine import open_database
+    from bot.model.scheduler import Worker
+    from storage.database import open_database
     from storage.repository import SqlRepository
     from tests.fakes.fake_engine import FakeEngine
 
@@ -257,18 +257,24 @@ def main() -> None:
     # then latency under a steady 200 msgs/s offered over the same channels.
     capacity = run_once(Plan(args.channels, args.seconds, None, core=not args.no_core), args.profile)
     steady = run_once(Plan(args.channels, args.seconds, 200.0, core=not args.no_core), False)
-    print(json.dumps({
-        "channels": capacity["channels"],
-        "msgs_per_s": capacity["msgs_per_s"],
-        "p50_ms": steady["p50_ms"],
-        "p99_ms": steady["p99_ms"],
-    }))
+    print(
+        json.dumps(
+            {
+                "channels": capacity["channels"],
+                "msgs_per_s": capacity["msgs_per_s"],
+                "p50_ms": steady["p50_ms"],
+                "p99_ms": steady["p99_ms"],
+            }
+        )
+    )
 
 
 def run_once(plan: Plan, profiled: bool) -> dict[str, Any]:
     """One run: the fake Discord in a second process, the bot here. Prints a summary."""
     ours, theirs = multiprocessing.get_context("spawn").Pipe()
-    fake = multiprocessing.get_context("spawn").Process(target=discord_process, args=(plan, theirs), name="fake-discord")
+    fake = multiprocessing.get_context("spawn").Process(
+        target=discord_process, args=(plan, theirs), name="fake-discord"
+    )
     fake.start()
     profile = cProfile.Profile() if profiled else None
     try:

@@ -173,12 +173,12 @@ class DirectEcho:
 async def run_bot(conn: Connection, api_base: str, token: str, chats: int, adapter_only: bool) -> dict[str, Any]:
     from pydantic import SecretStr
 
-    from adapters.telegram_adapter import TelegramAdapter
-    from bot.commands import COMMANDS
+    from adapters.telegram.adapter import TelegramAdapter
+    from bot.chat.commands import COMMANDS
+    from bot.chat.conversation import ConversationManager
     from bot.config import Settings
-    from bot.conversation import ConversationManager
-    from bot.worker import Worker
-    from storage.engine import create_engine, init_db
+    from bot.model.scheduler import Worker
+    from storage.database import create_engine, init_db
     from storage.repository import SqlRepository
     from tests.fakes.fake_engine import FakeEngine
 
@@ -228,8 +228,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="messages per chat before measuring")
     parser.add_argument("--rate", type=float, default=200.0, help="messages/s offered in the latency phase")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the latency phase")
-    parser.add_argument("--adapter-only", action="store_true",
-                        help="answer without the core (no storage, no model): the adapter's own ceiling")
+    parser.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="answer without the core (no storage, no model): the adapter's own ceiling",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="bot %(levelname)s %(name)s: %(message)s")
     plan = Plan(args.chats, args.warmup, args.messages, args.rate, args.seconds)
@@ -252,27 +255,44 @@ def main() -> None:
     for method in capacity["calls"]:
         methods[method] = methods.get(method, 0) + 1
     msgs_per_s = capacity["messages"] / capacity["elapsed"]
-    core = "adapter only, no core" if args.adapter_only else (
-        f"adapter + manager + Worker(FakeEngine, max batch {settings.max_batch_size}) + SQLite")
-    print(f"bot: {core}; edit interval {settings.telegram_edit_interval} s; "
-          f"fake Bot API server and users in a separate process")
-    print(f"capacity: {plan.chats} chats x {plan.per_chat} messages, each sent when the previous reply was "
-          f"complete: {capacity['messages']} in {capacity['elapsed']:.2f} s = {msgs_per_s:.1f} msgs/s")
+    core = (
+        "adapter only, no core"
+        if args.adapter_only
+        else (f"adapter + manager + Worker(FakeEngine, max batch {settings.max_batch_size}) + SQLite")
+    )
+    print(
+        f"bot: {core}; edit interval {settings.telegram_edit_interval} s; "
+        f"fake Bot API server and users in a separate process"
+    )
+    print(
+        f"capacity: {plan.chats} chats x {plan.per_chat} messages, each sent when the previous reply was "
+        f"complete: {capacity['messages']} in {capacity['elapsed']:.2f} s = {msgs_per_s:.1f} msgs/s"
+    )
     cap_ms = [x * 1000 for x in capacity["latencies"]]
-    print(f"  latency at saturation ms: p50 {percentile(cap_ms, 0.5):.1f}, p99 {percentile(cap_ms, 0.99):.1f} "
-          f"(about chats / throughput)")
+    print(
+        f"  latency at saturation ms: p50 {percentile(cap_ms, 0.5):.1f}, p99 {percentile(cap_ms, 0.99):.1f} "
+        f"(about chats / throughput)"
+    )
     print(f"  Bot API calls: {', '.join(f'{m} {n}' for m, n in sorted(methods.items()))}")
     ms = [x * 1000 for x in steady["latencies"]]
-    print(f"steady load: {plan.rate:g} msgs/s offered over {plan.chats} chats for {plan.seconds:g} s: "
-          f"{steady['messages']} replies in {steady['elapsed']:.2f} s, {steady['rejected']} refused")
-    print(f"  latency ms: p50 {percentile(ms, 0.5):.1f}, p90 {percentile(ms, 0.9):.1f}, "
-          f"p99 {percentile(ms, 0.99):.1f}, max {max(ms):.1f}, mean {statistics.fmean(ms):.1f}")
-    print(json.dumps({
-        "chats": plan.chats,
-        "msgs_per_s": round(msgs_per_s, 1),
-        "p50_ms": round(percentile(ms, 0.5), 1),
-        "p99_ms": round(percentile(ms, 0.99), 1),
-    }))
+    print(
+        f"steady load: {plan.rate:g} msgs/s offered over {plan.chats} chats for {plan.seconds:g} s: "
+        f"{steady['messages']} replies in {steady['elapsed']:.2f} s, {steady['rejected']} refused"
+    )
+    print(
+        f"  latency ms: p50 {percentile(ms, 0.5):.1f}, p90 {percentile(ms, 0.9):.1f}, "
+        f"p99 {percentile(ms, 0.99):.1f}, max {max(ms):.1f}, mean {statistics.fmean(ms):.1f}"
+    )
+    print(
+        json.dumps(
+            {
+                "chats": plan.chats,
+                "msgs_per_s": round(msgs_per_s, 1),
+                "p50_ms": round(percentile(ms, 0.5), 1),
+                "p99_ms": round(percentile(ms, 0.99), 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,13 +17,38 @@ import psutil
 from common import LoopLag, Stack, TimingTarget, event, load_default_engine, median, real_stack
 
 TOPICS = [
-    "the sea", "a city at night", "a lost cat", "the first day of spring", "a robot learning to paint",
-    "a mountain village", "an old library", "a rainy afternoon", "a train journey", "the moon",
-    "a busy market", "a quiet forest", "a lighthouse keeper", "a snowstorm", "a birthday party",
-    "a chess game", "a desert oasis", "a jazz club", "a garden in summer", "a sailing ship",
-    "a haunted house", "a football match", "a bakery at dawn", "a space station", "a river",
-    "a violin", "an island", "a clock tower", "a festival of lights", "a small bookshop",
-    "a volcano", "a bicycle ride",
+    "the sea",
+    "a city at night",
+    "a lost cat",
+    "the first day of spring",
+    "a robot learning to paint",
+    "a mountain village",
+    "an old library",
+    "a rainy afternoon",
+    "a train journey",
+    "the moon",
+    "a busy market",
+    "a quiet forest",
+    "a lighthouse keeper",
+    "a snowstorm",
+    "a birthday party",
+    "a chess game",
+    "a desert oasis",
+    "a jazz club",
+    "a garden in summer",
+    "a sailing ship",
+    "a haunted house",
+    "a football match",
+    "a bakery at dawn",
+    "a space station",
+    "a river",
+    "a violin",
+    "an island",
+    "a clock tower",
+    "a festival of lights",
+    "a small bookshop",
+    "a volcano",
+    "a bicycle ride",
 ]
 PROMPTS = [f"Write a story about {t}." for t in TOPICS]
 _ids = iter(range(1, 1_000_000))
@@ -104,12 +129,15 @@ async def main() -> None:
         with PeakRss() as rss:
             wall32, made32, _ = await together(stack, PROMPTS[:32], "batch32-")
         agg32 = made32 / wall32
-        print(f"32 users at once: {made32} tokens in {wall32:.1f} s = {agg32:.1f} tokens/s; peak RSS {rss.peak / 2**20:.0f} MiB")
+        print(
+            f"32 users at once: {made32} tokens in {wall32:.1f} s = {agg32:.1f} tokens/s; "
+            f"peak RSS {rss.peak / 2**20:.0f} MiB"
+        )
 
         # Late join: 7 users mid-reply, then an 8th writes.
         early = [asyncio.create_task(ask(stack, p, f"early{i}")) for i, p in enumerate(PROMPTS[8:15])]
         await asyncio.sleep(0)
-        while not all(t.done() for t in early) and stack.worker.stats().active < 7:
+        while not all(t.done() for t in early) and stack.worker.stats().active < 7:  # noqa: ASYNC110 (polls a thread's count)
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.5)  # well into their replies
         late = await ask(stack, PROMPTS[15], "late")
@@ -118,18 +146,22 @@ async def main() -> None:
         print(f"late joiner ttft {1000 * late.ttft:.0f} ms vs idle {1000 * idle_ttft:.0f} ms: ratio {ratio:.2f}")
         await lag.stop()
 
-    print(json.dumps({
-        "single_tok_s": round(single, 2),
-        "agg_tok_s_8": round(agg8, 2),
-        "agg_tok_s_16": round(agg16, 2),
-        "agg_tok_s_32": round(agg32, 2),
-        "speedup_8": round(agg8 / single, 2),
-        "speedup_32": round(agg32 / single, 2),
-        "late_join_ttft_ratio": round(ratio, 2),
-        "greedy_identical": identical,
-        "rss_mib_32": round(rss.peak / 2**20, 1),
-        "loop_lag_p99_ms": round(lag.percentile_ms(0.99), 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "single_tok_s": round(single, 2),
+                "agg_tok_s_8": round(agg8, 2),
+                "agg_tok_s_16": round(agg16, 2),
+                "agg_tok_s_32": round(agg32, 2),
+                "speedup_8": round(agg8 / single, 2),
+                "speedup_32": round(agg32 / single, 2),
+                "late_join_ttft_ratio": round(ratio, 2),
+                "greedy_identical": identical,
+                "rss_mib_32": round(rss.peak / 2**20, 1),
+                "loop_lag_p99_ms": round(lag.percentile_ms(0.99), 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -37,19 +37,19 @@ def configure_logging(level: str) -> None:
 
 def build_adapters(settings: Settings) -> list[Adapter]:
     """The platform adapters whose tokens are set, or the terminal chat when none is."""
-    from bot.commands import COMMANDS
+    from bot.chat.commands import COMMANDS
 
     adapters: list[Adapter] = []
     if settings.telegram_token is not None:
-        from adapters.telegram_adapter import TelegramAdapter
+        from adapters.telegram.adapter import TelegramAdapter
 
         adapters.append(TelegramAdapter(settings, COMMANDS))
     if settings.discord_token is not None:
-        from adapters.discord_adapter import DiscordAdapter
+        from adapters.discord.adapter import DiscordAdapter
 
         adapters.append(DiscordAdapter(settings, COMMANDS))
     if not adapters:
-        from adapters.console_adapter import ConsoleAdapter
+        from adapters.console import ConsoleAdapter
 
         logger.info("no TELEGRAM_TOKEN or DISCORD_TOKEN set: starting the terminal chat")
         adapters.append(ConsoleAdapter())
@@ -58,10 +58,10 @@ def build_adapters(settings: Settings) -> list[Adapter]:
 
 async def serve(settings: Settings, adapters: Sequence[Adapter] | None = None) -> int:
     """Run the bot until the adapters finish or SIGINT/SIGTERM arrives. Returns the exit code."""
-    from bot.conversation import ConversationManager
-    from bot.hf_model import load_engine
-    from bot.worker import Worker
-    from storage.engine import create_engine, init_db
+    from bot.chat.conversation import ConversationManager
+    from bot.model.hf.engine import load_engine
+    from bot.model.scheduler import Worker
+    from storage.database import create_engine, init_db
     from storage.repository import SqlRepository
 
     loop = asyncio.get_running_loop()

@@ -49,8 +49,10 @@ class SessionSettingSpec:
             number: int | float = int(raw) if self.kind is int else float(raw)
         except ValueError:
             raise ValueError(f"{self.name} must be {self.describe_range()}") from None
-        if number != number or (self.minimum is not None and number < self.minimum) or (
-            self.maximum is not None and number > self.maximum
+        if (
+            number != number
+            or (self.minimum is not None and number < self.minimum)
+            or (self.maximum is not None and number > self.maximum)
         ):
             raise ValueError(f"{self.name} must be {self.describe_range()}")
         return number
@@ -80,7 +82,10 @@ class Settings(BaseSettings):
     """Every setting of the bot. Field names are the upper-case environment variables."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", env_ignore_empty=True, extra="ignore",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
         case_sensitive=False,
     )
 
@@ -139,9 +144,7 @@ class Settings(BaseSettings):
                 continue
             platform, sep, user = entry.partition(":")
             if not sep or platform.strip().lower() not in ADMIN_PLATFORMS or not user.strip():
-                raise ValueError(
-                    f"entry {entry!r} is not like telegram:123 or discord:456"
-                )
+                raise ValueError(f"entry {entry!r} is not like telegram:123 or discord:456")
             out.add(f"{platform.strip().lower()}:{user.strip()}")
         return frozenset(out)
 

@@ -26,10 +26,9 @@ class ConversationKey:
 class IncomingMessage:
     """A text message as every platform delivers it to the core.
 
-    ``text`` has the bot's mention already stripped. ``addressed_to_bot`` is True
-    when the platform's rules say the bot should answer (private chat, mention,
-    reply to the bot, or a command); adapters usually drop the rest before the
-    core sees them, but the flag lets the core stay the judge.
+    ``text`` has the bot's mention already stripped. Adapters build one only for
+    messages the platform's rules address to the bot (private chat, mention, reply
+    to the bot, or a command); the rest never reach the core.
     """
 
     platform: Platform
@@ -39,7 +38,6 @@ class IncomingMessage:
     message_id: str
     text: str
     is_private: bool
-    addressed_to_bot: bool
     timestamp: datetime
 
     @property

@@ -1,16 +1,16 @@
 """The `Protocol`s at the seams, and the plain dataclasses that cross them.
 
-`storage/` implements `Repository`; `bot/worker.py` implements `Generator` on top of
-an `Engine` (`bot/hf_model.py`, or a deterministic fake in tests); every adapter
-implements `ReplyTarget` and `Adapter` and calls a `MessageHandler`.
+`storage/` implements `Repository`; `bot/model/scheduler.py` implements `ModelBackend` on top of
+an `Engine` (`bot/model/hf/`, or a deterministic fake in tests); every adapter
+implements `ReplyTarget` and `Adapter` and calls a `IncomingHandler`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from bot.events import ChatTurn, ConversationKey, IncomingMessage, Platform, Role
 
@@ -111,6 +111,22 @@ class GenerationParams:
     sampling: SamplingParams = SamplingParams()
 
 
+FinishReason = Literal["stop", "length"]
+"""Why a reply ended: "stop" for the end-of-sequence token or a stop string, "length"
+for the reply's token budget or the model's context."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyChunk:
+    """One item of a reply stream: new text, how many tokens the model generated for it
+    (the sum over a stream is the reply's token count), and, on the last chunk only, why
+    the reply ended. The last chunk's text may be empty."""
+
+    text: str
+    tokens: int
+    finish_reason: FinishReason | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerStats:
     queue_depth: int
@@ -119,8 +135,8 @@ class WorkerStats:
     tokens_per_s: float  # over the time generation was actually running
 
 
-class Generator(Protocol):
-    """What the conversation manager sees of the model. Implemented by `bot.worker.Worker`."""
+class ModelBackend(Protocol):
+    """What the conversation manager sees of the model. Implemented by `bot.model.scheduler.Worker`."""
 
     @property
     def context_length(self) -> int: ...
@@ -132,8 +148,8 @@ class Generator(Protocol):
         assistant's reply begins."""
         ...
 
-    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[str, None]:
-        """Stream the reply as text pieces. Raises `BusyError` when the queue is full,
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ReplyChunk, None]:
+        """Stream the reply. Raises `BusyError` when the queue is full,
         `GenerationError` when the model fails. Closing the generator (`aclose()`, or
         cancelling the task that iterates it) stops the generation early."""
         ...
@@ -222,7 +238,7 @@ class ReplyTarget(Protocol):
 
 
 @runtime_checkable
-class MessageHandler(Protocol):
+class IncomingHandler(Protocol):
     async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
         """Handle one message; returns when its reply is complete. Never raises
         `BotError` (users get an explanation instead)."""
@@ -240,7 +256,7 @@ class Adapter(Protocol):
 
     name: str
 
-    async def run(self, handler: MessageHandler) -> None: ...
+    async def run(self, handler: IncomingHandler) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,5 +267,3 @@ class CommandInfo:
     description: str
     admin_only: bool
 
-
-SessionSettingsMap = Mapping[str, SettingValue]

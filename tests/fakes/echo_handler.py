@@ -1,14 +1,14 @@
-"""A test-local `MessageHandler` for adapter tests that really uses the target."""
+"""A test-local `IncomingHandler` for adapter tests that really uses the target."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 
+from bot.chat.streaming import ReplyStreamer
 from bot.errors import DeliveryError
 from bot.events import IncomingMessage
 from bot.ports import ReplyTarget
-from bot.streaming import ReplyStreamer
 
 
 class EchoHandler:

@@ -27,6 +27,5 @@ def incoming(
         message_id=str(next(_ids)),
         text=text,
         is_private=private,
-        addressed_to_bot=True,
         timestamp=datetime.now(UTC),
     )

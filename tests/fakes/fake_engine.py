@@ -20,7 +20,7 @@ from bot.events import ChatTurn, Role
 from bot.ports import SamplingParams
 
 if TYPE_CHECKING:
-    from bot.worker import Worker
+    from bot.model.scheduler import Worker
 
 SPECIAL_BASE = 0x110000
 EOS = SPECIAL_BASE
@@ -252,7 +252,7 @@ def make_fake_worker(
     *, max_batch_size: int = 8, queue_size: int = 64, **engine_kwargs: object
 ) -> tuple[Worker, FakeEngine]:
     """A (not yet started) `Worker` over a `FakeEngine`; use it as ``async with worker:``."""
-    from bot.worker import Worker
+    from bot.model.scheduler import Worker
 
     engine = FakeEngine(**engine_kwargs)  # type: ignore[arg-type]
     return Worker(engine, max_batch_size=max_batch_size, queue_size=queue_size), engine

@@ -42,9 +42,18 @@ _STRING_FIELDS = frozenset({"text", "secret_token", "url", "language_code", "act
 _MENTION = re.compile(r"(?<![\w@])@[A-Za-z0-9_]{3,32}\b")
 _COMMAND = re.compile(r"(?<![\w/])/[A-Za-z0-9_]{1,32}(?:@[A-Za-z0-9_]{3,32})?\b")
 _ADMIN_RIGHTS = (
-    "can_be_edited", "is_anonymous", "can_manage_chat", "can_delete_messages", "can_manage_video_chats",
-    "can_restrict_members", "can_promote_members", "can_change_info", "can_invite_users",
-    "can_post_stories", "can_edit_stories", "can_delete_stories",
+    "can_be_edited",
+    "is_anonymous",
+    "can_manage_chat",
+    "can_delete_messages",
+    "can_manage_video_chats",
+    "can_restrict_members",
+    "can_promote_members",
+    "can_change_info",
+    "can_invite_users",
+    "can_post_stories",
+    "can_edit_stories",
+    "can_delete_stories",
 )
 
 
@@ -266,7 +275,14 @@ class FakeTelegramServer:
         file = {"file_id": f"file-{kind}-{next(self._file_ids)}", "file_unique_id": f"u{kind}"}
         media: dict[str, Any] = {
             "photo": [{**file, "width": 90, "height": 90, "file_size": 1234}],
-            "sticker": {**file, "type": "regular", "width": 512, "height": 512, "is_animated": False, "is_video": False},
+            "sticker": {
+                **file,
+                "type": "regular",
+                "width": 512,
+                "height": 512,
+                "is_animated": False,
+                "is_video": False,
+            },
             "voice": {**file, "duration": 2, "mime_type": "audio/ogg"},
             "document": {**file, "file_name": "notes.pdf", "mime_type": "application/pdf"},
         }
@@ -501,7 +517,12 @@ class FakeTelegramServer:
 
     def _store(self, chat_id: int, body: JSON, *, from_bot: bool, reply_to: int | None) -> StoredMessage:
         stored = StoredMessage(
-            chat_id, int(body["message_id"]), from_bot, body.get("text"), body, reply_to=reply_to,
+            chat_id,
+            int(body["message_id"]),
+            from_bot,
+            body.get("text"),
+            body,
+            reply_to=reply_to,
             thread_id=body.get("message_thread_id"),
         )
         self._messages.setdefault(chat_id, {})[stored.message_id] = stored
@@ -551,8 +572,11 @@ class FakeTelegramServer:
 
     async def _api_getupdates(self, params: JSON) -> list[JSON]:
         if self.webhook is not None:
-            raise _ApiError(409, "Conflict: can't use getUpdates method while webhook is active; "
-                                 "use deleteWebhook to delete the webhook first")
+            raise _ApiError(
+                409,
+                "Conflict: can't use getUpdates method while webhook is active; "
+                "use deleteWebhook to delete the webhook first",
+            )
         offset = _int(params.get("offset")) or 0
         limit = min(100, _int(params.get("limit")) or 100)
         timeout = float(params.get("timeout") or 0)
@@ -623,10 +647,19 @@ class FakeTelegramServer:
 
     async def _api_sendchataction(self, params: JSON) -> bool:
         self._chat(params)
-        if params.get("action") not in ("typing", "upload_photo", "record_video", "upload_video",
-                                         "record_voice", "upload_voice", "upload_document",
-                                         "choose_sticker", "find_location", "record_video_note",
-                                         "upload_video_note"):
+        if params.get("action") not in (
+            "typing",
+            "upload_photo",
+            "record_video",
+            "upload_video",
+            "record_voice",
+            "upload_voice",
+            "upload_document",
+            "choose_sticker",
+            "find_location",
+            "record_video_note",
+            "upload_video_note",
+        ):
             raise _bad_request("wrong parameter action in request")
         return True
 
@@ -749,4 +782,3 @@ def _scope_key(params: JSON) -> str:
 def scope_key(scope: JSON) -> str:
     """The key of `FakeTelegramServer.commands` for a scope like ``{"type": "default"}``."""
     return _scope_key({"scope": scope})
-

@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from storage.engine import open_database
+from storage.database import open_database
 from storage.repository import SqlRepository
 
 

@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.errors import StorageError
 from bot.events import ConversationKey
-from bot.ports import RepoStats, Repository
-from storage.engine import open_database
+from bot.ports import Repository, RepoStats
+from storage.database import open_database
 from storage.models import Conversation, Message
 from storage.repository import SqlRepository
 
@@ -138,9 +138,7 @@ async def test_clear_chat_empties_every_conversation_of_that_chat_only(repo: Sql
     assert await repo.get_settings(BOB) == {"system_prompt": "Be terse."}
 
 
-async def test_deleting_a_conversation_cascades_to_its_messages(
-    repo: SqlRepository, db_engine: AsyncEngine
-) -> None:
+async def test_deleting_a_conversation_cascades_to_its_messages(repo: SqlRepository, db_engine: AsyncEngine) -> None:
     await repo.add_message(ALICE, "user", "q", 1)
     await repo.add_message(BOB, "user", "q", 1)
     async with db_engine.begin() as connection:
@@ -198,14 +196,10 @@ async def test_settings_keep_their_types_and_can_be_overwritten_and_cleared(
 async def test_concurrent_first_messages_of_one_conversation_are_all_stored(
     repo: SqlRepository, db_engine: AsyncEngine
 ) -> None:
-    stored = await asyncio.gather(
-        *(repo.add_message(ALICE, "user", f"m{i}", i) for i in range(20))
-    )
+    stored = await asyncio.gather(*(repo.add_message(ALICE, "user", f"m{i}", i) for i in range(20)))
 
     assert len({m.id for m in stored}) == 20
-    assert sorted(m.content for m in await repo.recent_messages(ALICE, 100)) == sorted(
-        f"m{i}" for i in range(20)
-    )
+    assert sorted(m.content for m in await repo.recent_messages(ALICE, 100)) == sorted(f"m{i}" for i in range(20))
     async with db_engine.connect() as connection:
         count = select(func.count()).select_from(Conversation)
         assert (await connection.execute(count)).scalar() == 1
@@ -232,9 +226,7 @@ async def test_stats_count_users_conversations_with_messages_and_messages(
     assert await repo.stats() == RepoStats(users=3, conversations=2, messages=2)
 
 
-async def test_database_failures_raise_storage_error(
-    repo: SqlRepository, db_engine: AsyncEngine
-) -> None:
+async def test_database_failures_raise_storage_error(repo: SqlRepository, db_engine: AsyncEngine) -> None:
     await repo.add_message(ALICE, "user", "q", 1)
     async with db_engine.begin() as connection:
         await connection.execute(text("DROP TABLE messages"))
@@ -268,9 +260,7 @@ async def test_a_cancelled_append_already_being_written_is_committed_before_canc
     assert [m.content for m in await repo.recent_messages(ALICE, 10)] == ["first", "blocked"]
 
 
-async def test_a_cancelled_append_still_waiting_its_turn_is_never_written(
-    repo: SqlRepository, db_path: Path
-) -> None:
+async def test_a_cancelled_append_still_waiting_its_turn_is_never_written(repo: SqlRepository, db_path: Path) -> None:
     blocker = sqlite3.connect(db_path, isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")
@@ -369,9 +359,7 @@ async def _bulk_insert(engine: AsyncEngine, key: ConversationKey, count: int) ->
         conversation_id = (
             await connection.execute(
                 insert(Conversation)
-                .values(
-                    platform=key.platform, chat_id=key.chat_id, user_id=key.user_id, settings={}
-                )
+                .values(platform=key.platform, chat_id=key.chat_id, user_id=key.user_id, settings={})
                 .returning(Conversation.id)
             )
         ).scalar_one()
@@ -395,8 +383,7 @@ async def _query_plans(engine: AsyncEngine, statements: list[tuple[str, Any]]) -
     async with engine.connect() as connection:
         explain = connection.exec_driver_sql
         return [
-            [row.detail for row in await explain(f"EXPLAIN QUERY PLAN {sql}", params)]
-            for sql, params in statements
+            [row.detail for row in await explain(f"EXPLAIN QUERY PLAN {sql}", params)] for sql, params in statements
         ]
 
 
@@ -426,8 +413,7 @@ async def test_recent_messages_walks_the_index_even_with_100k_messages(
     assert len(selects) == 1  # one query, the conversation looked up inside it
     [plan] = await _query_plans(db_engine, selects)
     assert any(
-        step.startswith("SEARCH messages USING") and "ix_messages_conversation_id_id" in step
-        for step in plan
+        step.startswith("SEARCH messages USING") and "ix_messages_conversation_id_id" in step for step in plan
     ), plan
     assert not any("SCAN" in step or "TEMP B-TREE" in step for step in plan), plan
 
@@ -455,9 +441,7 @@ async def test_reading_back_a_group_commit_walks_the_index_per_conversation(
     assert not any("SCAN messages" in step or "TEMP B-TREE" in step for step in plan), plan
 
 
-async def test_clear_chat_finds_its_rows_through_indexes(
-    repo: SqlRepository, db_engine: AsyncEngine
-) -> None:
+async def test_clear_chat_finds_its_rows_through_indexes(repo: SqlRepository, db_engine: AsyncEngine) -> None:
     await repo.add_message(ALICE, "user", "q", 1)
     seen = _captured_sql(db_engine)
 

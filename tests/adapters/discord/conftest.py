@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from adapters.discord_adapter import DiscordAdapter
-from bot.commands import COMMANDS
+from adapters.discord.adapter import DiscordAdapter
+from bot.chat.commands import COMMANDS
 from bot.config import Settings
-from bot.ports import MessageHandler
+from bot.ports import IncomingHandler
+from tests.fakes.discord.server import MANAGE_GUILD, FakeChannel, FakeDiscordServer, FakeGuild, FakeUser, Json
 from tests.fakes.echo_handler import EchoHandler as BaseEchoHandler
-from tests.fakes.discord_server import MANAGE_GUILD, FakeChannel, FakeDiscordServer, FakeGuild, FakeUser, Json
 
 
 @dataclass
@@ -73,7 +73,7 @@ def discord_settings(server: FakeDiscordServer, **overrides: Any) -> Settings:
 
 @asynccontextmanager
 async def running_adapter(
-    server: FakeDiscordServer, handler: MessageHandler, *, shards: int = 1, **overrides: Any
+    server: FakeDiscordServer, handler: IncomingHandler, *, shards: int = 1, **overrides: Any
 ) -> AsyncIterator[DiscordAdapter]:
     """The adapter serving `handler`, connected (READY and guilds received) on exit of
     the `async with` header; cancelled and awaited on exit of the block."""
@@ -101,7 +101,7 @@ RunAdapter = Callable[..., "contextlib.AbstractAsyncContextManager[DiscordAdapte
 
 @pytest.fixture
 def run_adapter(server: FakeDiscordServer) -> RunAdapter:
-    def run(handler: MessageHandler, **overrides: Any) -> contextlib.AbstractAsyncContextManager[DiscordAdapter]:
+    def run(handler: IncomingHandler, **overrides: Any) -> contextlib.AbstractAsyncContextManager[DiscordAdapter]:
         return running_adapter(server, handler, **overrides)
 
     return run
@@ -134,4 +134,3 @@ def assert_pings_no_one(server: FakeDiscordServer) -> None:
         assert mentions.get("parse") == [], (call.path, mentions)
         assert not mentions.get("users") and not mentions.get("roles"), (call.path, mentions)
         assert not mentions.get("replied_user"), (call.path, mentions)
-

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from adapters.telegram_adapter import RetryPolicy, TelegramAdapter
-from bot.commands import COMMANDS
+from adapters.telegram.adapter import RetryPolicy, TelegramAdapter
+from bot.chat.commands import COMMANDS
 from bot.config import Settings
-from bot.ports import CommandInfo, MessageHandler
+from bot.ports import CommandInfo, IncomingHandler
 from tests.fakes.echo_handler import EchoHandler as BaseEchoHandler
 from tests.fakes.telegram_server import Chat, FakeTelegramServer, User
 
@@ -65,7 +65,7 @@ def run_adapter(server: FakeTelegramServer) -> RunAdapter:
 
     @asynccontextmanager
     async def running(
-        handler: MessageHandler,
+        handler: IncomingHandler,
         *,
         commands: Sequence[CommandInfo] = COMMANDS,
         retry: RetryPolicy = FAST_RETRY,
@@ -98,9 +98,10 @@ def run_adapter(server: FakeTelegramServer) -> RunAdapter:
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=10.0)
         leftovers = [
-            t for t in asyncio.all_tasks()
-            if not t.done() and (t.get_name().startswith("telegram:") or "Updater" in t.get_name()
-                                 or "Application" in t.get_name())
+            t
+            for t in asyncio.all_tasks()
+            if not t.done()
+            and (t.get_name().startswith("telegram:") or "Updater" in t.get_name() or "Application" in t.get_name())
         ]
         assert not leftovers, f"tasks left running after shutdown: {leftovers}"
 

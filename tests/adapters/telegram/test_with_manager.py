@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from bot.conversation import ConversationManager
+from bot.chat.conversation import ConversationManager
 from bot.events import ConversationKey
-from tests.adapters.telegram.conftest import ALICE, BOB, CAROL, GROUP, RunAdapter
 from storage.repository import SqlRepository
+from tests.adapters.telegram.conftest import ALICE, BOB, CAROL, GROUP, RunAdapter
 from tests.conftest import Harness
 from tests.fakes.fake_engine import SPECIAL_BASE, FakeEngine
 from tests.fakes.telegram_server import Chat, FakeTelegramServer, User
@@ -207,7 +207,10 @@ async def test_history_and_settings_follow_a_group_upgraded_to_a_supergroup(
     assert "my name is Alice" in harness.engine.added[-1]  # the old turns are in the prompt
     stored = await harness.repo.recent_messages(tg_key(upgraded, ALICE.id), 10)
     assert [m.content for m in stored] == [
-        "my name is Alice", "Echo: my name is Alice", "what is my name?", "Echo: what is my name?"
+        "my name is Alice",
+        "Echo: my name is Alice",
+        "what is my name?",
+        "Echo: what is my name?",
     ]
     # Nothing stays behind under the old chat id (a fresh repository: no cached ids).
     assert await SqlRepository.from_engine(harness.db).recent_messages(tg_key(GROUP, ALICE.id), 10) == []

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from bot.errors import InputRejected
 from bot.events import ChatTurn
-from bot.ports import Generator, StoredMessage
+from bot.ports import ModelBackend, StoredMessage
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def reply_budget(context_length: int, max_new_tokens: int) -> int:
 
 
 async def build_prompt(
-    generator: Generator,
+    generator: ModelBackend,
     system_prompt: str | None,
     history: Sequence[StoredMessage],
     max_new_tokens: int,
@@ -70,6 +70,4 @@ async def build_prompt(
             logger.warning("system prompt dropped: it does not fit with the message")
             system = None
         else:
-            raise InputRejected(
-                "Your message is too long for my context window. Please send a shorter one."
-            )
+            raise InputRejected("Your message is too long for my context window. Please send a shorter one.")

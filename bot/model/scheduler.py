@@ -25,7 +25,7 @@ from typing import Final
 
 from bot.errors import BusyError, ConfigError, GenerationCancelled, GenerationError
 from bot.events import ChatTurn
-from bot.ports import Engine, GenerationParams, WorkerStats
+from bot.ports import Engine, FinishReason, GenerationParams, ReplyChunk, WorkerStats
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +37,29 @@ _REPLACEMENT: Final = "\ufffd"
 
 
 @dataclass(frozen=True, slots=True)
+class _Text:
+    """New text, and how many tokens the request had generated when it was decoded."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class _End:
     """The stream's last item: `error` is None for a normal end."""
 
     error: BaseException | None = None
+    finish_reason: FinishReason = "stop"
+    tokens: int = 0
 
 
-_Item = str | _End
+_Item = _Text | _End
 
 
 class _Channel:
     """The event-loop half of a request: items arrive via `loop.call_soon_threadsafe`."""
 
-    __slots__ = ("loop", "queue", "closed")
+    __slots__ = ("closed", "loop", "queue")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -165,7 +175,7 @@ class Worker:
             await asyncio.to_thread(self._thread.join)
         logger.info("model worker stopped")
 
-    # ------------------------------------------------------------------ Generator
+    # ------------------------------------------------------------------ ModelBackend
 
     @property
     def context_length(self) -> int:
@@ -180,8 +190,8 @@ class Worker:
         """The chat rendered by the engine's template, off the event loop."""
         return await asyncio.to_thread(self._engine.render_chat, system, list(turns))
 
-    async def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[str, None]:
-        """Stream the reply as text pieces.
+    async def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ReplyChunk, None]:
+        """Stream the reply as `ReplyChunk`s; the last one says why it ended.
 
         Raises `BusyError` (queue full) or `GenerationError` (prompt fills the context,
         the model failed) at the latest on the first ``__anext__``; `GenerationCancelled`
@@ -190,23 +200,27 @@ class Worker:
         """
         req = self._submit(list(prompt_ids), params)
         queue = req.channel.queue
+        counted = 0  # tokens already reported to the consumer
         try:
             while True:
                 item = await queue.get()
                 # Text that piled up while the consumer was busy goes out as one piece:
                 # one send or edit for it instead of one per token.
                 pieces: list[str] = []
-                while isinstance(item, str):
-                    pieces.append(item)
+                tokens = counted
+                while isinstance(item, _Text):
+                    pieces.append(item.text)
+                    tokens = item.tokens
                     if queue.empty():
                         break
                     item = queue.get_nowait()
-                if pieces:
-                    yield "".join(pieces)
                 if isinstance(item, _End):
                     if item.error is not None:
                         raise item.error
+                    yield ReplyChunk("".join(pieces), max(item.tokens, tokens) - counted, item.finish_reason)
                     return
+                yield ReplyChunk("".join(pieces), tokens - counted)
+                counted = tokens
         finally:
             self._cancel(req)
 
@@ -406,7 +420,7 @@ class Worker:
             return
         req.generated.append(token)
         if token in self._eos:
-            self._finish(req, out)
+            self._finish(req, out, "stop")
             return
         req.ids.append(token)
         piece = self._detokenize(req)
@@ -416,7 +430,7 @@ class Worker:
             len(req.generated) >= req.params.max_new_tokens
             or len(req.prompt) + len(req.generated) >= self.context_length
         ):
-            self._finish(req, out)
+            self._finish(req, out, "length")
 
     def _detokenize(self, req: _Request) -> str:
         """The new text the last token completes (prefix/read-offset technique)."""
@@ -436,28 +450,28 @@ class Worker:
         if cut >= 0:
             req.held = ""
             if cut:
-                out.append((req, held[:cut]))
+                out.append((req, _Text(held[:cut], len(req.generated))))
             req.finished = True
-            out.append((req, _End()))
+            out.append((req, _End(finish_reason="stop", tokens=len(req.generated))))
             return True
         keep = _stop_prefix_len(held, self._stops)
         ready = held[: len(held) - keep]
         req.held = held[len(held) - keep :]
         if ready:
-            out.append((req, ready))
+            out.append((req, _Text(ready, len(req.generated))))
         return False
 
-    def _finish(self, req: _Request, out: list[tuple[_Request, _Item]]) -> None:
+    def _finish(self, req: _Request, out: list[tuple[_Request, _Item]], reason: FinishReason) -> None:
         # Text still undecoded (an incomplete character at a length limit) is dropped.
         tail = self._engine.decode(req.ids[req.prefix_offset :])
         prefix = self._engine.decode(req.ids[req.prefix_offset : req.read_offset])
         rest = tail[len(prefix) :].rstrip(_REPLACEMENT) if len(tail) > len(prefix) else ""
         if not (rest and self._emit(req, rest, out)):
             if req.held:
-                out.append((req, req.held))
+                out.append((req, _Text(req.held, len(req.generated))))
                 req.held = ""
             req.finished = True
-            out.append((req, _End()))
+            out.append((req, _End(finish_reason=reason, tokens=len(req.generated))))
 
     # ------------------------------------------------------------------ delivery
 

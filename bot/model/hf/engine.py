@@ -116,9 +116,7 @@ def _resolve_source(model: str | None) -> _Source:
         return _Source("gguf", str(path.resolve()), _display_name(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(
-                "MODEL", f"{spec} is a directory but not a model (it has no config.json)"
-            )
+            raise ModelLoadError("MODEL", f"{spec} is a directory but not a model (it has no config.json)")
         return _Source("directory", str(path.resolve()), path.resolve().name)
     if path.exists():
         raise ModelLoadError("MODEL", f"{spec} is neither a model directory nor a .gguf file")
@@ -136,9 +134,7 @@ def _parse_dtype(dtype: str) -> torch.dtype:
     try:
         return _DTYPES[dtype]
     except KeyError:
-        raise ModelLoadError(
-            "MODEL_DTYPE", f"{dtype!r} is not one of {', '.join(_DTYPES)}"
-        ) from None
+        raise ModelLoadError("MODEL_DTYPE", f"{dtype!r} is not one of {', '.join(_DTYPES)}") from None
 
 
 def _parse_device(device: str) -> torch.device:
@@ -153,9 +149,7 @@ def _parse_device(device: str) -> torch.device:
     if not torch.cuda.is_available():
         raise ModelLoadError("MODEL_DEVICE", f"{device} requested but no CUDA GPU is available")
     if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ModelLoadError(
-            "MODEL_DEVICE", f"{device} requested but only {torch.cuda.device_count()} GPU(s) exist"
-        )
+        raise ModelLoadError("MODEL_DEVICE", f"{device} requested but only {torch.cuda.device_count()} GPU(s) exist")
     return parsed
 
 
@@ -229,9 +223,7 @@ def load_engine(
                 f"{source.location!r} is not a local path and not in the Hugging Face cache "
                 "(set MODEL_ALLOW_DOWNLOAD=true to download it)",
             ) from None
-        raise ModelLoadError(
-            "MODEL", f"cannot load {source.name}: {_short_error(exc)}"
-        ) from None
+        raise ModelLoadError("MODEL", f"cannot load {source.name}: {_short_error(exc)}") from None
 
     engine = HFEngine(
         hf_model,
@@ -254,17 +246,13 @@ def load_engine(
 
 def _load_pretrained(location: str | Path, torch_dtype: torch.dtype, *, local_only: bool) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        location, dtype=torch_dtype, local_files_only=local_only
-    )
+    hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, local_files_only=local_only)
     return hf_model, tokenizer
 
 
 def _cache_key(path: Path, dtype: str) -> str:
     stat = path.stat()
-    raw = "|".join(
-        (str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), dtype, transformers.__version__)
-    )
+    raw = "|".join((str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), dtype, transformers.__version__))
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -488,9 +476,7 @@ class HFEngine:
         self.load_seconds = 0.0
 
         config = model.config.get_text_config()
-        max_positions = getattr(config, "max_position_embeddings", None) or getattr(
-            config, "n_positions", None
-        )
+        max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self._context_length = min(context_tokens, int(max_positions)) if max_positions else context_tokens
 
         self._has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -640,9 +626,7 @@ class HFEngine:
                 parts.append(f"{turn.content}\n\n")
         parts.append("Assistant:")
         with self._tok_lock:
-            ids = self._tokenizer("".join(parts), add_special_tokens=True, split_special_tokens=True)[
-                "input_ids"
-            ]
+            ids = self._tokenizer("".join(parts), add_special_tokens=True, split_special_tokens=True)["input_ids"]
         return [int(i) for i in ids]
 
     def _find_eos_ids(self) -> frozenset[int]:
@@ -672,8 +656,7 @@ class HFEngine:
         into one forward pass (see `_prefill`); nothing changes if this raises."""
         self._check_new(requests)
         rows = [
-            _Row(seq_id, sampling, self._make_generator(sampling), len(prompt))
-            for seq_id, prompt, sampling in requests
+            _Row(seq_id, sampling, self._make_generator(sampling), len(prompt)) for seq_id, prompt, sampling in requests
         ]
         prompts = [list(prompt) for _, prompt, _ in requests]
         logits: list[torch.Tensor] = []
@@ -687,9 +670,7 @@ class HFEngine:
             self._join(rows, pieces, tokens)
         return {row.seq_id: token for row, token in zip(rows, tokens)}
 
-    def _prefill(
-        self, prompts: list[list[int]]
-    ) -> tuple[torch.Tensor, list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+    def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[list[tuple[torch.Tensor, torch.Tensor]]]]:
         """One forward pass over several prompts laid end to end, each attending only
         to itself (a block-diagonal causal mask) with its own positions from 0: the
         weights are read once for all of them. Returns the logits after each prompt
@@ -857,9 +838,7 @@ class HFEngine:
                 tokens[i] = order[j, choice[0]]
         return [int(t) for t in tokens.tolist()]
 
-    def _join(
-        self, rows: list[_Row], pieces: list[list[tuple[torch.Tensor, torch.Tensor]]], tokens: list[int]
-    ) -> None:
+    def _join(self, rows: list[_Row], pieces: list[list[tuple[torch.Tensor, torch.Tensor]]], tokens: list[int]) -> None:
         """Copy the running batch and the new rows' keys and values (``pieces[row][layer]``)
         into new buffers, every row right-aligned at the longest row's length, zeros
         (masked) on its left."""

@@ -15,7 +15,7 @@ from typing import Literal
 from bot.config import SESSION_SETTINGS, Settings
 from bot.errors import CommandError, PermissionDenied
 from bot.events import ConversationKey, IncomingMessage
-from bot.ports import CommandInfo, Generator, ReplyTarget, Repository, SettingValue
+from bot.ports import CommandInfo, ModelBackend, ReplyTarget, Repository, SettingValue
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,9 @@ COMMANDS: tuple[CommandInfo, ...] = (
     CommandInfo("start", "Say hello and show what I can do", admin_only=False),
     CommandInfo("help", "List the commands", admin_only=False),
     CommandInfo("reset", "Forget our conversation (admins: /reset <user id> or /reset chat)", admin_only=False),
-    CommandInfo("config", "Show this session's settings (admins: /config set <key> <value>, /config reset)", admin_only=False),
+    CommandInfo(
+        "config", "Show this session's settings (admins: /config set <key> <value>, /config reset)", admin_only=False
+    ),
     CommandInfo("stats", "Usage statistics (admins)", admin_only=True),
 )
 _NAMES = frozenset(c.name for c in COMMANDS)
@@ -69,7 +71,7 @@ class CommandRunner:
         self,
         settings: Settings,
         repository: Repository,
-        generator: Generator,
+        generator: ModelBackend,
         sessions: SessionControl,
     ) -> None:
         self._settings = settings
@@ -130,7 +132,9 @@ class CommandRunner:
     async def _cmd_start(self, command: ParsedCommand, event: IncomingMessage, target: ReplyTarget) -> str:
         return (
             f"Hi {event.display_name}! I'm a chat bot running a local language model. "
-            "Just write to me" + ("" if event.is_private else " (mention me or reply to me)") + ".\n\n"
+            "Just write to me"
+            + ("" if event.is_private else " (mention me or reply to me)")
+            + ".\n\n"
             + self._help_text(event)
         )
 
@@ -203,9 +207,7 @@ class CommandRunner:
         return ", ".join(f"/{c.name}" for c in COMMANDS)
 
     def _help_text(self, event: IncomingMessage) -> str:
-        lines = ["Commands:"] + [
-            f"/{c.name} — {c.description}" for c in COMMANDS
-        ]
+        lines = ["Commands:"] + [f"/{c.name} — {c.description}" for c in COMMANDS]
         lines.append(f"Setting keys for /config set: {', '.join(SESSION_SETTINGS)}.")
         return "\n".join(lines)
 

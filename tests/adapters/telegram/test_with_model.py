@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from bot.conversation import ConversationManager
+from bot.chat.conversation import ConversationManager
 from bot.events import ConversationKey
-from bot.worker import Worker
+from bot.model.scheduler import Worker
 from tests.adapters.telegram.conftest import BOB, RunAdapter
 from tests.conftest import Harness
 from tests.fakes.telegram_server import Chat, FakeTelegramServer
 
 if TYPE_CHECKING:
-    from bot.hf_model import HFEngine
+    from bot.model.hf.engine import HFEngine
 
 
 @pytest.mark.model

@@ -6,12 +6,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bot.chat.conversation import ConversationManager
 from bot.config import Settings
-from bot.conversation import ConversationManager
 from bot.events import ConversationKey, IncomingMessage
-from bot.hf_model import load_engine
-from bot.worker import Worker
-from storage.engine import create_engine, init_db
+from bot.model.hf.engine import load_engine
+from bot.model.scheduler import Worker
+from storage.database import create_engine, init_db
 from storage.repository import SqlRepository
 from tests.fakes.targets import RecordingTarget
 
@@ -34,8 +34,13 @@ async def test_tiny_gpt2_directory_answers_through_the_fallback_format(tiny_gpt2
         async with Worker(engine) as worker, ConversationManager(settings, repo, worker) as manager:
             target = RecordingTarget()
             event = IncomingMessage(
-                platform="console", chat_id="local", user_id="local", display_name="me", message_id="1",
-                text="Hello there, how are you?", is_private=True, addressed_to_bot=True,
+                platform="console",
+                chat_id="local",
+                user_id="local",
+                display_name="me",
+                message_id="1",
+                text="Hello there, how are you?",
+                is_private=True,
                 timestamp=datetime.now(UTC),
             )
             await manager.handle(event, target)

@@ -11,8 +11,8 @@ import time
 import aiohttp
 import pytest
 
-from adapters.telegram_adapter import NON_TEXT_REPLY, TelegramAdapter
-from bot.commands import COMMANDS
+from adapters.telegram.adapter import NON_TEXT_REPLY, TelegramAdapter
+from bot.chat.commands import COMMANDS
 from bot.errors import ConfigError, DeliveryError
 from bot.events import IncomingMessage
 from bot.ports import CommandInfo, ReplyTarget
@@ -68,7 +68,6 @@ async def test_private_message_gets_a_reply_sent_then_edited_to_the_exact_text(
         message_id=str(sent.message_id),
         text="hello there, my friend",
         is_private=True,
-        addressed_to_bot=True,
         timestamp=event.timestamp,
     )
     assert event.timestamp.tzinfo is not None
@@ -276,7 +275,7 @@ async def test_the_bot_api_is_reached_through_the_proxy_the_environment_names(
 
 
 def test_no_proxy_hosts_bypass_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    from adapters.telegram_adapter import AiohttpRequest
+    from adapters.telegram.adapter import AiohttpRequest
 
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
@@ -477,9 +476,12 @@ async def test_an_anonymous_group_admin_counts_as_chat_admin(
             answers.append(await target.sender_is_chat_admin())
 
     anonymous = {
-        "message_id": 1, "date": int(time.time()), "chat": SUPERGROUP.to_json(),
+        "message_id": 1,
+        "date": int(time.time()),
+        "chat": SUPERGROUP.to_json(),
         "from": {"id": 1087968824, "is_bot": True, "first_name": "Group", "username": "GroupAnonymousBot"},
-        "sender_chat": SUPERGROUP.to_json(), "text": "/reset chat",
+        "sender_chat": SUPERGROUP.to_json(),
+        "text": "/reset chat",
         "entities": [{"type": "bot_command", "offset": 0, "length": 6}],
     }
     async with run_adapter(AdminCheck()):
@@ -615,8 +617,16 @@ async def test_webhook_mode_receives_updates_and_checks_the_secret(
         server.user_sends(PRIVATE_ALICE, ALICE, "via webhook")
         await server.wait_for(lambda: server.bot_texts(ALICE.id) == ["Echo: via webhook"])
         async with aiohttp.ClientSession() as client:
-            forged = {"update_id": 1, "message": {"message_id": 99, "date": 0, "chat": PRIVATE_ALICE.to_json(),
-                                                  "from": ALICE.to_json(), "text": "forged"}}
+            forged = {
+                "update_id": 1,
+                "message": {
+                    "message_id": 99,
+                    "date": 0,
+                    "chat": PRIVATE_ALICE.to_json(),
+                    "from": ALICE.to_json(),
+                    "text": "forged",
+                },
+            }
             async with client.post(url, json=forged, headers={"X-Telegram-Bot-Api-Secret-Token": "wrong"}) as resp:
                 assert resp.status == 403
     assert not server.calls_to("getUpdates")

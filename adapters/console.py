@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from bot.events import IncomingMessage
-from bot.ports import MessageHandler
+from bot.ports import IncomingHandler
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ def to_event(line: str, message_id: int, display_name: str) -> IncomingMessage:
         message_id=str(message_id),
         text=line.rstrip("\r\n"),
         is_private=True,
-        addressed_to_bot=True,
         timestamp=datetime.now(UTC),
     )
 
@@ -59,7 +58,7 @@ class ConsoleReplyTarget:
     async def edit(self, message_id: str, text: str) -> None:
         shown = self._shown.get(message_id, "")
         # Streaming only ever appends; anything else is reprinted whole.
-        self._write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+        self._write(text[len(shown) :] if text.startswith(shown) else "\n" + text)
         self._shown[message_id] = text
 
     async def typing(self) -> None:
@@ -89,7 +88,7 @@ class ConsoleAdapter:
         if isinstance(self._in, io.TextIOWrapper):  # undecodable bytes must not end the chat
             self._in.reconfigure(errors="replace")
 
-    async def run(self, handler: MessageHandler) -> None:
+    async def run(self, handler: IncomingHandler) -> None:
         lines: asyncio.Queue[str | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 

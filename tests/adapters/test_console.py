@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.console_adapter import ConsoleAdapter, to_event
+from adapters.console import ConsoleAdapter, to_event
 from tests.conftest import Harness
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_a_line_becomes_a_private_admin_event() -> None:
     event = to_event("hello\n", 3, "ann")
     assert (event.platform, event.chat_id, event.user_id, event.message_id) == ("console", "local", "local", "3")
-    assert event.text == "hello" and event.is_private and event.addressed_to_bot
+    assert event.text == "hello" and event.is_private
 
 
 async def test_piped_lines_are_answered_in_order_until_end_of_input(harness: Harness) -> None:
@@ -29,14 +29,16 @@ async def test_piped_lines_are_answered_in_order_until_end_of_input(harness: Har
     async with harness.manager() as manager:
         await ConsoleAdapter(stdin, stdout).run(manager)
     out = stdout.getvalue()
-    assert out.index("Echo: first question") < out.index("Settings for this session") < out.index(
-        "Echo: second question"
+    assert (
+        out.index("Echo: first question") < out.index("Settings for this session") < out.index("Echo: second question")
     )
     assert "bot>" not in out  # no prompts when piped
 
 
 @pytest.mark.model
-def test_terminal_chat_subprocess_answers_resets_and_exits(default_engine: object, model_cache_dir: Path, tmp_path: Path) -> None:
+def test_terminal_chat_subprocess_answers_resets_and_exits(
+    default_engine: object, model_cache_dir: Path, tmp_path: Path
+) -> None:
     env = {
         **os.environ,
         "MODEL_CACHE_DIR": str(model_cache_dir),
@@ -48,8 +50,13 @@ def test_terminal_chat_subprocess_answers_resets_and_exits(default_engine: objec
         env.pop(var, None)
     lines = "What is the capital of France?\n/config\n/reset\n"
     proc = subprocess.run(
-        [sys.executable, "-m", "bot"], input=lines, capture_output=True, text=True, cwd=tmp_path,
-        env=env, timeout=300,
+        [sys.executable, "-m", "bot"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Paris" in proc.stdout

@@ -6,11 +6,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from bot.commands import COMMANDS, parse_command
+from bot.chat.commands import COMMANDS, parse_command
 from bot.events import ConversationKey, IncomingMessage
 from tests.conftest import Harness
 from tests.fakes.events import incoming
 from tests.fakes.targets import RecordingTarget
+
 
 def msg(text: str, *, user: str = "u1", chat: str = "g1", private: bool = False) -> IncomingMessage:
     return incoming(text, user=user, chat=chat, private=private)
@@ -26,7 +27,6 @@ async def run(harness: Harness, text: str, *, user: str = "u1", chat_admin: bool
 async def seed(harness: Harness, *users: str, chat: str = "g1") -> None:
     for user in users:
         await harness.repo.add_message(ConversationKey("telegram", chat, user), "user", f"hi from {user}", 3)
-
 
 
 def test_commands_parse_with_and_without_bot_suffix() -> None:
@@ -147,8 +147,14 @@ async def test_console_user_is_an_admin(harness: Harness) -> None:
     async with harness.manager() as manager:
         target = RecordingTarget()
         event = IncomingMessage(
-            platform="console", chat_id="local", user_id="local", display_name="me", message_id="1",
-            text="/stats", is_private=True, addressed_to_bot=True, timestamp=datetime.now(UTC),
+            platform="console",
+            chat_id="local",
+            user_id="local",
+            display_name="me",
+            message_id="1",
+            text="/stats",
+            is_private=True,
+            timestamp=datetime.now(UTC),
         )
         await manager.handle(event, target)
     assert "Users:" in target.text

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bot import conversation
-from bot.conversation import EMPTY_REPLY, ConversationManager
+from bot.chat import conversation
+from bot.chat.conversation import EMPTY_REPLY, ConversationManager
 from bot.events import ConversationKey, IncomingMessage
 from tests.conftest import Harness
 from tests.fakes.events import incoming
 from tests.fakes.fake_engine import FakeEngine
 from tests.fakes.targets import RecordingTarget
+
 
 def msg(text: str, *, user: str = "u1", chat: str = "c1", private: bool = True) -> IncomingMessage:
     return incoming(text, user=user, chat=chat, private=private)
@@ -52,9 +53,7 @@ async def test_different_conversations_are_served_concurrently(harness: Harness)
     harness.engine.step_delay = 0.02
     async with harness.manager() as manager:
         targets = [RecordingTarget() for _ in range(4)]
-        await asyncio.gather(
-            *(manager.handle(msg(f"hi from {i}", user=f"u{i}"), t) for i, t in enumerate(targets))
-        )
+        await asyncio.gather(*(manager.handle(msg(f"hi from {i}", user=f"u{i}"), t) for i, t in enumerate(targets)))
     assert [t.messages for t in targets] == [[f"Echo: hi from {i}"] for i in range(4)]
     assert harness.engine.max_active >= 2
 
@@ -155,9 +154,7 @@ async def test_a_full_queue_tells_the_user_the_bot_is_busy(harness: Harness) -> 
     harness.engine.step_delay = 0.05
     async with harness.manager(max_batch_size=1, queue_size=1) as manager:
         targets = [RecordingTarget() for _ in range(4)]
-        await asyncio.gather(
-            *(manager.handle(msg(f"hello {i}", user=f"u{i}"), t) for i, t in enumerate(targets))
-        )
+        await asyncio.gather(*(manager.handle(msg(f"hello {i}", user=f"u{i}"), t) for i, t in enumerate(targets)))
     busy = [t for t in targets if "busy" in t.text]
     answered = [t for t in targets if t.text.startswith("Echo:")]
     assert busy and answered and len(busy) + len(answered) == 4
@@ -219,7 +216,9 @@ async def test_blocked_chat_drops_the_reply_without_crashing(harness: Harness) -
     # nothing reached the user the first time, so no assistant turn was stored for it
     stored = await harness.repo.recent_messages(key(), 5)
     assert [(m.role, m.content) for m in stored] == [
-        ("user", "hi"), ("user", "hi again"), ("assistant", "Echo: hi again")
+        ("user", "hi"),
+        ("user", "hi again"),
+        ("assistant", "Echo: hi again"),
     ]
 
 
@@ -235,16 +234,6 @@ async def test_shutdown_stops_replies_in_progress_promptly(harness: Harness) -> 
     assert time.monotonic() - started < 3
     await asyncio.wait_for(reply, 1)
     assert "[stopped]" in target.text
-
-
-async def test_messages_not_addressed_to_the_bot_are_ignored(harness: Harness) -> None:
-    async with harness.manager() as manager:
-        target = RecordingTarget()
-        event = msg("just chatting", private=False)
-        from dataclasses import replace
-
-        await manager.handle(replace(event, addressed_to_bot=False), target)
-    assert target.calls == [] and harness.engine.added == []
 
 
 async def test_typing_is_shown_while_waiting_unless_the_answer_is_quick(

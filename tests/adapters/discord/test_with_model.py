@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from bot.conversation import ConversationManager
+from bot.chat.conversation import ConversationManager
 from bot.events import ConversationKey
-from bot.worker import Worker
+from bot.model.scheduler import Worker
 from tests.adapters.discord.conftest import RunAdapter, World, assert_pings_no_one
 from tests.conftest import Harness
-from tests.fakes.discord_server import FakeDiscordServer
+from tests.fakes.discord.server import FakeDiscordServer
 
 if TYPE_CHECKING:
-    from bot.hf_model import HFEngine
+    from bot.model.hf.engine import HFEngine
 
 
 @pytest.mark.model
@@ -34,7 +34,9 @@ async def test_default_model_answers_a_mention_in_a_server_channel(
     texts = server.bot_texts(world.general)
     assert len(texts) == 1 and "Paris" in texts[0]
     assert_pings_no_one(server)
-    stored = await harness.repo.recent_messages(ConversationKey("discord", str(world.general.id), str(world.alice.id)), 5)
+    stored = await harness.repo.recent_messages(
+        ConversationKey("discord", str(world.general.id), str(world.alice.id)), 5
+    )
     assert [m.role for m in stored] == ["user", "assistant"]
     assert stored[0].content == "What is the capital of France?"
     assert stored[1].content == texts[0]

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-from bot.commands import CommandRunner, SessionControl, parse_command
+from bot.chat.commands import CommandRunner, SessionControl, parse_command
+from bot.chat.prompt import build_prompt
+from bot.chat.streaming import ReplyStreamer
 from bot.config import Settings
 from bot.errors import (
     BotError,
@@ -26,9 +28,7 @@ from bot.errors import (
     InputRejected,
 )
 from bot.events import ConversationKey, IncomingMessage, Platform
-from bot.ports import GenerationParams, Generator, ReplyTarget, Repository, SamplingParams
-from bot.prompt import build_prompt
-from bot.streaming import ReplyStreamer
+from bot.ports import GenerationParams, ModelBackend, ReplyTarget, Repository, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ConversationManager:
         self,
         settings: Settings,
         repository: Repository,
-        generator: Generator,
+        generator: ModelBackend,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -112,7 +112,7 @@ class ConversationManager:
     async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
         """Handle one message; returns when its reply is complete. Never raises
         `BotError`: the user gets an explanation and the log the details."""
-        if not event.addressed_to_bot or self._closing:
+        if self._closing:
             return
         if _LONE_SURROGATE.search(event.text):
             event = dataclasses.replace(event, text=_LONE_SURROGATE.sub("\ufffd", event.text))
@@ -141,15 +141,16 @@ class ConversationManager:
         try:
             moved = await self._repo.move_chat(platform, old_chat_id, new_chat_id)
         except BotError:
-            logger.exception("%s chat %s is now %s, but its history could not be moved", platform, old_chat_id, new_chat_id)
+            logger.exception(
+                "%s chat %s is now %s, but its history could not be moved", platform, old_chat_id, new_chat_id
+            )
             return
         logger.info("%s chat %s is now %s: %d conversation(s) moved", platform, old_chat_id, new_chat_id, moved)
 
     def _check_input(self, text: str) -> None:
         if len(text) > self._settings.max_input_chars:
             raise InputRejected(
-                f"Your message is too long ({len(text)} characters); "
-                f"the limit is {self._settings.max_input_chars}."
+                f"Your message is too long ({len(text)} characters); the limit is {self._settings.max_input_chars}."
             )
         if looks_binary(text):
             raise InputRejected("That looks like binary data. I can only read text.")
@@ -272,30 +273,30 @@ class ConversationManager:
             sampling=SamplingParams(temperature=float(settings["temperature"]), top_p=float(settings["top_p"])),
         )
         stream = self._generator.generate(prompt.ids, params)
+        tokens = 0
         try:
             try:
-                async for piece in stream:
-                    await streamer.push(piece)
+                async for chunk in stream:
+                    tokens += chunk.tokens
+                    await streamer.push(chunk.text)
             finally:
                 await stream.aclose()
             await streamer.finish("" if streamer.text.strip() else EMPTY_REPLY)
         except DeliveryError:
             if streamer.message_ids:  # the user saw part of it: keep what was said
-                await self._store_reply(key, streamer)
+                await self._store_reply(key, streamer, tokens)
             raise
         except (BusyError, GenerationError):
             if streamer.text.strip():
                 await streamer.finish(STOPPED_SUFFIX)
             raise
-        await self._store_reply(key, streamer)
+        await self._store_reply(key, streamer, tokens)
 
-    async def _store_reply(self, key: ConversationKey, streamer: ReplyStreamer) -> None:
+    async def _store_reply(self, key: ConversationKey, streamer: ReplyStreamer, tokens: int) -> None:
         text = streamer.text
         if text.strip() and text != EMPTY_REPLY:
             ids = streamer.message_ids
-            await self._repo.add_message(
-                key, "assistant", text, await self._generator.count_tokens(text), ids[0] if ids else None
-            )
+            await self._repo.add_message(key, "assistant", text, tokens, ids[0] if ids else None)
 
     async def _keep_typing(self, target: ReplyTarget) -> None:
         await asyncio.sleep(TYPING_DELAY_S)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from telegram import Message
 
-from adapters.telegram_adapter import is_unreadable_media, menu_commands, to_event
+from adapters.telegram.adapter import is_unreadable_media, menu_commands, to_event
 from bot.ports import CommandInfo
 from tests.fakes.telegram_server import auto_entities
 
@@ -22,8 +22,15 @@ SUPERGROUP = {"id": -1_000_000_000_001, "type": "supergroup", "title": "Wonderla
 DATE = 1_767_225_600  # 2026-01-01 00:00 UTC
 
 
-def message(text: str | None = "hello", *, chat: dict[str, Any] = PRIVATE, sender: dict[str, Any] = ALICE,
-            entities: list[dict[str, Any]] | None = None, message_id: int = 42, **extra: Any) -> Message:
+def message(
+    text: str | None = "hello",
+    *,
+    chat: dict[str, Any] = PRIVATE,
+    sender: dict[str, Any] = ALICE,
+    entities: list[dict[str, Any]] | None = None,
+    message_id: int = 42,
+    **extra: Any,
+) -> Message:
     data: dict[str, Any] = {"message_id": message_id, "date": DATE, "chat": chat, "from": sender, **extra}
     if text is not None:
         data["text"] = text
@@ -44,7 +51,7 @@ def test_a_private_text_message_becomes_an_event() -> None:
     assert (event.platform, event.chat_id, event.user_id, event.message_id) == ("telegram", "1001", "1001", "42")
     assert event.text == "How are you?"
     assert event.display_name == "Alice Liddell"
-    assert event.is_private and event.addressed_to_bot
+    assert event.is_private
     assert event.timestamp == datetime(2026, 1, 1, tzinfo=UTC)
     assert event.key.chat_id == "1001" and event.sender == "telegram:1001"
 
@@ -77,7 +84,7 @@ def test_group_messages_not_addressed_to_the_bot_are_dropped(chat: dict[str, Any
 )
 def test_a_mention_in_a_group_addresses_the_bot_and_is_stripped(text: str, expected: str) -> None:
     event = to_event(message(text, chat=GROUP), "LlmTestBot", BOT_ID)
-    assert event is not None and not event.is_private and event.addressed_to_bot
+    assert event is not None and not event.is_private
     assert event.text == expected
     assert event.chat_id == "-4001" and event.user_id == "1001"
 
@@ -102,10 +109,16 @@ def test_a_reply_to_the_bot_addresses_it_and_a_reply_to_others_does_not() -> Non
 
 def test_a_forum_topic_message_is_not_a_reply_to_the_topic_starter() -> None:
     # Inside a topic every message "replies" to the topic's creation, even one the bot made.
-    created = {"message_id": 5, "date": DATE, "chat": SUPERGROUP, "from": BOT,
-               "forum_topic_created": {"name": "Help", "icon_color": 7322096}}
-    msg = message("just chatting", chat=SUPERGROUP, reply_to_message=created,
-                  message_thread_id=5, is_topic_message=True)
+    created = {
+        "message_id": 5,
+        "date": DATE,
+        "chat": SUPERGROUP,
+        "from": BOT,
+        "forum_topic_created": {"name": "Help", "icon_color": 7322096},
+    }
+    msg = message(
+        "just chatting", chat=SUPERGROUP, reply_to_message=created, message_thread_id=5, is_topic_message=True
+    )
     assert text_of(msg) is None
 
 
@@ -149,8 +162,17 @@ def test_a_command_later_in_the_text_is_not_a_command() -> None:
     "extra",
     [
         {"photo": [{"file_id": "f", "file_unique_id": "u", "width": 9, "height": 9}]},
-        {"sticker": {"file_id": "f", "file_unique_id": "u", "type": "regular", "width": 9, "height": 9,
-                     "is_animated": False, "is_video": False}},
+        {
+            "sticker": {
+                "file_id": "f",
+                "file_unique_id": "u",
+                "type": "regular",
+                "width": 9,
+                "height": 9,
+                "is_animated": False,
+                "is_video": False,
+            }
+        },
         {"voice": {"file_id": "f", "file_unique_id": "u", "duration": 1}},
         {"document": {"file_id": "f", "file_unique_id": "u"}, "caption": "@LlmTestBot read this"},
     ],
@@ -172,24 +194,28 @@ def test_service_messages_are_not_media() -> None:
 
 def test_channel_posts_give_no_event() -> None:
     channel = {"id": -1_000_000_000_777, "type": "channel", "title": "News"}
-    post = Message.de_json({"message_id": 1, "date": DATE, "chat": channel, "sender_chat": channel,
-                            "text": "@LlmTestBot news"}, None)
+    post = Message.de_json(
+        {"message_id": 1, "date": DATE, "chat": channel, "sender_chat": channel, "text": "@LlmTestBot news"}, None
+    )
     assert to_event(post, "LlmTestBot", BOT_ID) is None
 
 
 def test_a_user_without_a_last_name_is_shown_by_first_name() -> None:
-    event = to_event(message("hi", sender=BOB, chat={"id": 1002, "type": "private", "first_name": "Bob"}),
-                     "LlmTestBot", BOT_ID)
+    event = to_event(
+        message("hi", sender=BOB, chat={"id": 1002, "type": "private", "first_name": "Bob"}), "LlmTestBot", BOT_ID
+    )
     assert event is not None and event.display_name == "Bob"
 
 
 def test_menu_keeps_valid_names_and_gives_admin_commands_to_admins_only() -> None:
-    everyone, admins = menu_commands([
-        CommandInfo("help", "List the commands", admin_only=False),
-        CommandInfo("stats", "Usage statistics", admin_only=True),
-        CommandInfo("Bad-Name", "invalid for Telegram", admin_only=False),
-        CommandInfo("x" * 33, "too long a name", admin_only=False),
-        CommandInfo("blank", "   ", admin_only=False),
-    ])
+    everyone, admins = menu_commands(
+        [
+            CommandInfo("help", "List the commands", admin_only=False),
+            CommandInfo("stats", "Usage statistics", admin_only=True),
+            CommandInfo("Bad-Name", "invalid for Telegram", admin_only=False),
+            CommandInfo("x" * 33, "too long a name", admin_only=False),
+            CommandInfo("blank", "   ", admin_only=False),
+        ]
+    )
     assert [(c.command, c.description) for c in everyone] == [("help", "List the commands"), ("blank", "blank")]
     assert [c.command for c in admins] == ["help", "stats", "blank"]

@@ -11,7 +11,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.errors import ConfigError
-from storage.engine import create_engine, init_db, open_database
+from storage.database import create_engine, init_db, open_database
 
 
 async def test_every_new_connection_gets_wal_foreign_keys_and_busy_timeout(
@@ -66,10 +66,8 @@ async def test_init_db_creates_tables_and_indexes_and_is_idempotent(
     assert "uq_conversations_key" in uniques
 
 
-async def test_opening_is_logged_with_the_url(
-    db_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="storage.engine")
+async def test_opening_is_logged_with_the_url(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="storage.database")
     async with open_database(db_url):
         pass
     assert f"Database ready: {db_url}" in caplog.text
@@ -135,6 +133,5 @@ async def test_database_path_that_is_a_directory_raises_config_error(tmp_path: P
 
 
 async def test_in_memory_database_works() -> None:
-    async with open_database("sqlite+aiosqlite://") as engine:
-        async with engine.connect() as connection:
-            assert (await connection.execute(text("SELECT count(*) FROM messages"))).scalar() == 0
+    async with open_database("sqlite+aiosqlite://") as engine, engine.connect() as connection:
+        assert (await connection.execute(text("SELECT count(*) FROM messages"))).scalar() == 0

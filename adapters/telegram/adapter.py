@@ -52,7 +52,7 @@ from telegram.request import BaseRequest, RequestData
 from bot.config import Settings
 from bot.errors import ConfigError, DeliveryError
 from bot.events import IncomingMessage
-from bot.ports import CommandInfo, MessageHandler
+from bot.ports import CommandInfo, IncomingHandler
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,6 @@ def to_event(message: Message, bot_username: str, bot_id: int) -> IncomingMessag
         message_id=str(message.message_id),
         text=text,
         is_private=is_private,
-        addressed_to_bot=True,
         timestamp=message.date,
     )
 
@@ -591,7 +590,7 @@ class TelegramAdapter:
         self._shutdown_grace = shutdown_grace
         self._request_timeout = request_timeout
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handler: MessageHandler | None = None
+        self._handler: IncomingHandler | None = None
         self._link: _Link | None = None
         self._username = ""
         self._bot_id = 0
@@ -607,7 +606,7 @@ class TelegramAdapter:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self, handler: MessageHandler) -> None:
+    async def run(self, handler: IncomingHandler) -> None:
         """Serve Telegram until cancelled. Raises `ConfigError` when the token is
         rejected, at start-up or later."""
         self._handler = handler

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from bot.chat.streaming import ReplyStreamer, split_message
 from bot.errors import DeliveryError
-from bot.streaming import ReplyStreamer, split_message
 from tests.fakes.targets import RecordingTarget
 
 

@@ -13,12 +13,12 @@ import pytest
 
 from bot.errors import BusyError, GenerationCancelled, GenerationError
 from bot.events import ChatTurn
-from bot.ports import GenerationParams
-from bot.worker import THREAD_NAME, Worker
+from bot.model.scheduler import THREAD_NAME, Worker
+from bot.ports import GenerationParams, ReplyChunk
 from tests.fakes.fake_engine import FakeEngine
 
 if TYPE_CHECKING:
-    from bot.hf_model import HFEngine
+    from bot.model.hf.engine import HFEngine
 
 PARAMS = GenerationParams(max_new_tokens=200)
 
@@ -39,7 +39,7 @@ async def prompt(worker: Worker, text: str) -> list[int]:
 
 async def pieces(worker: Worker, text: str, params: GenerationParams = PARAMS) -> list[str]:
     ids = await prompt(worker, text)
-    return [piece async for piece in worker.generate(ids, params)]
+    return [piece.text async for piece in worker.generate(ids, params) if piece.text]
 
 
 async def reply(worker: Worker, text: str, params: GenerationParams = PARAMS) -> str:
@@ -95,8 +95,18 @@ async def test_text_that_piles_up_behind_a_slow_consumer_comes_as_one_piece() ->
         first = await anext(stream)
         await wait_until(lambda: engine.active == frozenset())  # the rest is all queued
         rest = [piece async for piece in stream]
-    assert first == "E"
-    assert rest == ["cho: abcdefghij"]
+    assert first == ReplyChunk("E", tokens=1)
+    # 15 more characters and the EOS token, which ends the stream with its reason
+    assert rest == [ReplyChunk("cho: abcdefghij", tokens=16, finish_reason="stop")]
+
+
+async def test_a_reply_cut_by_its_token_budget_ends_with_reason_length() -> None:
+    async with running() as (worker, _engine):
+        chunks = [c async for c in worker.generate(await prompt(worker, "hello"), GenerationParams(max_new_tokens=4))]
+    assert "".join(c.text for c in chunks) == "Echo"
+    assert sum(c.tokens for c in chunks) == 4
+    assert chunks[-1].finish_reason == "length"
+    assert all(c.finish_reason is None for c in chunks[:-1])
 
 
 async def test_max_new_tokens_is_honoured() -> None:
@@ -137,7 +147,7 @@ async def test_context_limit_ends_generation() -> None:
     engine = FakeEngine(context_length=40, reply=lambda _: "z" * 100)
     async with running(engine) as (worker, _):
         ids = await prompt(worker, "hello")
-        text = "".join([p async for p in worker.generate(ids, PARAMS)])
+        text = "".join([p.text async for p in worker.generate(ids, PARAMS)])
     assert text == "z" * (40 - len(ids))
     assert engine.active == frozenset()
 
@@ -180,10 +190,10 @@ async def test_request_joining_a_running_batch_starts_before_the_others_finish()
         first = await anext(long_stream)
         late = worker.generate(await prompt(worker, "late one"), PARAMS)
         late_first = await anext(late)
-        rest = "".join([p async for p in long_stream])
-        assert first + rest == "L" * 100
-        assert late_first == "l"
-        assert "".join([p async for p in late]) == "ate one"
+        rest = "".join([p.text async for p in long_stream])
+        assert first.text + rest == "L" * 100
+        assert late_first.text == "l"
+        assert "".join([p.text async for p in late]) == "ate one"
     # the late request ran in the same batch as the long one
     assert engine.max_active == 2
     assert [len(call) for call in engine.add_calls] == [1, 1]
@@ -207,8 +217,8 @@ async def test_admission_is_first_come_first_served() -> None:
     assert admitted == sorted(admitted)
 
 
-async def _join(stream: AsyncIterator[str]) -> str:
-    return "".join([piece async for piece in stream])
+async def _join(stream: AsyncIterator[ReplyChunk]) -> str:
+    return "".join([piece.text async for piece in stream])
 
 
 # --------------------------------------------------------------------------- cancellation
@@ -222,7 +232,7 @@ async def test_cancelling_a_consumer_task_removes_it_at_the_next_step() -> None:
         async def consume_then_hang(text: str) -> str:
             out = ""
             async for piece in worker.generate(await prompt(worker, text), PARAMS):
-                out += piece
+                out += piece.text
                 started.set()
             return out
 
@@ -448,7 +458,7 @@ async def test_sampling_params_reach_the_engine() -> None:
 async def test_real_model_streams_a_reply_and_stops_when_cancelled(default_engine: HFEngine) -> None:
     async with Worker(default_engine, max_batch_size=2) as worker:
         ids = await worker.render_prompt(None, [ChatTurn("user", "Say hello in one short sentence.")])
-        text = "".join([p async for p in worker.generate(ids, GenerationParams(max_new_tokens=24))])
+        text = "".join([p.text async for p in worker.generate(ids, GenerationParams(max_new_tokens=24))])
         assert text.strip()
         assert "\ufffd" not in text
 
@@ -464,5 +474,5 @@ async def test_real_model_streams_a_reply_and_stops_when_cancelled(default_engin
         await wait_until(lambda: worker.stats().active == 0, timeout=5.0)
         assert worker.stats().tokens_generated - before < 20
         # the worker still serves after a cancellation
-        again = "".join([p async for p in worker.generate(ids, GenerationParams(max_new_tokens=24))])
+        again = "".join([p.text async for p in worker.generate(ids, GenerationParams(max_new_tokens=24))])
         assert again == text  # greedy: same prompt, same reply

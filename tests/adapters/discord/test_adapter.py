@@ -10,14 +10,14 @@ import re
 
 import pytest
 
-from adapters.discord_adapter import ATTACHMENT_NOTE, MAX_CHARS, DiscordAdapter
-from bot import conversation
-from bot.commands import COMMANDS
-from bot.conversation import ConversationManager
+from adapters.discord.adapter import ATTACHMENT_NOTE, MAX_CHARS, DiscordAdapter
+from bot.chat import conversation
+from bot.chat.commands import COMMANDS
+from bot.chat.conversation import ConversationManager
 from bot.errors import BotError, ConfigError
 from bot.events import ConversationKey, IncomingMessage
+from bot.model.scheduler import Worker
 from bot.ports import ReplyTarget
-from bot.worker import Worker
 from tests.adapters.discord.conftest import (
     EchoHandler,
     RunAdapter,
@@ -27,7 +27,7 @@ from tests.adapters.discord.conftest import (
     discord_settings,
 )
 from tests.conftest import Harness
-from tests.fakes.discord_server import (
+from tests.fakes.discord.server import (
     EPHEMERAL,
     LOADING,
     FakeAttachment,
@@ -116,7 +116,10 @@ async def test_the_token_never_appears_in_the_logs(
 
 
 async def test_direct_message_is_answered_by_a_reply_streamed_through_edits(
-    server: FakeDiscordServer, world: World, run_adapter: RunAdapter, harness: Harness,
+    server: FakeDiscordServer,
+    world: World,
+    run_adapter: RunAdapter,
+    harness: Harness,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(conversation, "TYPING_DELAY_S", 0.05)
@@ -534,7 +537,7 @@ async def test_a_failing_handler_never_leaves_a_slash_command_thinking(
     server: FakeDiscordServer, world: World, run_adapter: RunAdapter, caplog: pytest.LogCaptureFixture
 ) -> None:
     def logged_failures() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if r.name == "adapters.discord_adapter" and r.exc_info]
+        return [r for r in caplog.records if r.name == "adapters.discord.adapter" and r.exc_info]
 
     async with run_adapter(Broken()):
         used = await server.user_uses_slash_command(world.general, world.alice, "help")
@@ -549,9 +552,7 @@ async def test_a_failing_handler_never_leaves_a_slash_command_thinking(
 # --------------------------------------------------------------------------- shutdown
 
 
-async def test_cancelling_while_a_reply_is_pending_shuts_down_promptly(
-    server: FakeDiscordServer, world: World
-) -> None:
+async def test_cancelling_while_a_reply_is_pending_shuts_down_promptly(server: FakeDiscordServer, world: World) -> None:
     handler = EchoHandler()
     handler.gates["held"] = asyncio.Event()
     adapter = DiscordAdapter(discord_settings(server), COMMANDS)

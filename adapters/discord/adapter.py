@@ -29,7 +29,7 @@ from discord import app_commands
 from bot.config import SESSION_SETTINGS, Settings
 from bot.errors import BotError, ConfigError, DeliveryError
 from bot.events import IncomingMessage
-from bot.ports import CommandInfo, MessageHandler
+from bot.ports import CommandInfo, IncomingHandler
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +40,7 @@ ORIGINAL_RESPONSE = "@original"
 """The message id `InteractionReplyTarget.send` returns for the interaction's own response."""
 
 TEXT_EXTENSIONS = frozenset(
-    ".txt .md .markdown .rst .log .csv .tsv .json .jsonl .yaml .yml .toml .ini .cfg .conf .env "
-    ".xml .html .htm .css .scss .js .mjs .ts .tsx .jsx .py .pyi .ipynb .rb .go .rs .java .kt .kts "
-    ".scala .c .h .cc .cpp .hpp .cs .swift .m .php .pl .lua .r .jl .sh .bash .zsh .fish .ps1 .bat "
-    ".sql .graphql .proto .dockerfile .tex .bib .srt .vtt .diff .patch".split()
+    [".txt", ".md", ".markdown", ".rst", ".log", ".csv", ".tsv", ".json", ".jsonl", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".conf", ".env", ".xml", ".html", ".htm", ".css", ".scss", ".js", ".mjs", ".ts", ".tsx", ".jsx", ".py", ".pyi", ".ipynb", ".rb", ".go", ".rs", ".java", ".kt", ".kts", ".scala", ".c", ".h", ".cc", ".cpp", ".hpp", ".cs", ".swift", ".m", ".php", ".pl", ".lua", ".r", ".jl", ".sh", ".bash", ".zsh", ".fish", ".ps1", ".bat", ".sql", ".graphql", ".proto", ".dockerfile", ".tex", ".bib", ".srt", ".vtt", ".diff", ".patch"]
 )
 TEXT_CONTENT_TYPES = frozenset(
     {
@@ -123,7 +120,6 @@ def to_event(message: discord.Message, bot_user_id: int) -> IncomingMessage | No
         message_id=str(message.id),
         text=text,
         is_private=is_private,
-        addressed_to_bot=True,
         timestamp=message.created_at,
     )
 
@@ -138,7 +134,6 @@ def interaction_to_event(interaction: discord.Interaction[Any], text: str) -> In
         message_id=str(interaction.id),
         text=text,
         is_private=interaction.guild_id is None,
-        addressed_to_bot=True,
         timestamp=interaction.created_at,
     )
 
@@ -277,9 +272,7 @@ class InteractionReplyTarget:
                 await self._interaction.edit_original_response(content=text, allowed_mentions=NO_MENTIONS)
                 self._used_original = True
                 return ORIGINAL_RESPONSE
-            sent = await self._interaction.followup.send(
-                text, ephemeral=True, allowed_mentions=NO_MENTIONS, wait=True
-            )
+            sent = await self._interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS, wait=True)
         return str(sent.id)
 
     async def edit(self, message_id: str, text: str) -> None:
@@ -310,7 +303,9 @@ def _description(info: CommandInfo) -> str:
     return text if len(text) <= 100 else text[:99] + "…"
 
 
-def build_command_tree(tree: app_commands.CommandTree[Any], commands: Sequence[CommandInfo], dispatch: SlashDispatch) -> None:
+def build_command_tree(
+    tree: app_commands.CommandTree[Any], commands: Sequence[CommandInfo], dispatch: SlashDispatch
+) -> None:
     """Add a slash command for each of the core's commands; each one calls `dispatch`
     with the text command it stands for (`/config set temperature 0.5`).
 
@@ -362,9 +357,13 @@ def _config_group(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.Gr
         await dispatch(interaction, "/config reset")
 
     group.add_command(app_commands.Command(name="show", description="Show this session's settings", callback=show))
-    group.add_command(app_commands.Command(name="set", description="Admins: change a setting of this session", callback=set_))
     group.add_command(
-        app_commands.Command(name="reset", description="Admins: put this session's settings back to the defaults", callback=reset)
+        app_commands.Command(name="set", description="Admins: change a setting of this session", callback=set_)
+    )
+    group.add_command(
+        app_commands.Command(
+            name="reset", description="Admins: put this session's settings back to the defaults", callback=reset
+        )
     )
     return group
 
@@ -413,7 +412,7 @@ class DiscordAdapter:
             raise ConfigError("DISCORD_TOKEN", "is not set")
         self._settings = settings
         self._commands = tuple(commands)
-        self._handler: MessageHandler | None = None
+        self._handler: IncomingHandler | None = None
         self._client: discord.Client | None = None
         self._tree: app_commands.CommandTree[Any] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -442,7 +441,7 @@ class DiscordAdapter:
         build_command_tree(self._tree, self._commands, self._on_slash_command)
         return client
 
-    async def run(self, handler: MessageHandler) -> None:
+    async def run(self, handler: IncomingHandler) -> None:
         assert self._settings.discord_token is not None
         apply_endpoints(self._settings.discord_api_base, self._settings.discord_gateway_url)
         self._handler = handler
@@ -488,7 +487,9 @@ class DiscordAdapter:
     def _on_ready(self) -> None:
         client = self._client
         if client is not None and client.user is not None:
-            logger.info("connected to Discord as %s (id %s) in %d servers", client.user, client.user.id, len(client.guilds))
+            logger.info(
+                "connected to Discord as %s (id %s) in %d servers", client.user, client.user.id, len(client.guilds)
+            )
 
     def _on_message(self, message: discord.Message) -> None:
         client = self._client
@@ -523,7 +524,9 @@ class DiscordAdapter:
             return
         self._spawn(self._serve_interaction(client, interaction, text), f"discord:interaction:{interaction.id}")
 
-    async def _serve_interaction(self, client: discord.Client, interaction: discord.Interaction[Any], text: str) -> None:
+    async def _serve_interaction(
+        self, client: discord.Client, interaction: discord.Interaction[Any], text: str
+    ) -> None:
         assert self._handler is not None
         event = interaction_to_event(interaction, text)
         target = InteractionReplyTarget(client, interaction, self._settings.discord_edit_interval)

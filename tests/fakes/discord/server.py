@@ -683,7 +683,8 @@ class FakeDiscordServer:
         return [
             c
             for c in self.calls
-            if re.fullmatch(r"/channels/\d+/messages(/\d+)?", c.path) and c.method in ("POST", "PATCH")
+            if (re.fullmatch(r"/channels/\d+/messages(/\d+)?", c.path)
+            and c.method in ("POST", "PATCH"))
             or c.path.startswith(("/interactions/", "/webhooks/"))
         ]
 
@@ -768,7 +769,9 @@ class FakeDiscordServer:
             logger.warning("fake gateway: unknown op %s", op)
 
     async def _identify(self, conn: _Connection, data: Json) -> None:
-        self.identifies.append({k: v for k, v in data.items() if k != "token"} | {"token_ok": data["token"] == self.token})
+        self.identifies.append(
+            {k: v for k, v in data.items() if k != "token"} | {"token_ok": data["token"] == self.token}
+        )
         if data.get("token") != self.token:
             await conn.ws.close(code=4004, message=b"Authentication failed.")
             return
@@ -917,7 +920,11 @@ class FakeDiscordServer:
             return 400, {
                 "message": "Invalid Form Body",
                 "code": 50035,
-                "errors": {"content": {"_errors": [{"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]}},
+                "errors": {
+                    "content": {
+                        "_errors": [{"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]
+                    }
+                },
             }
         return None
 

@@ -10,8 +10,8 @@ import pytest
 from discord.state import ConnectionState
 from discord.user import ClientUser
 
-from adapters.discord_adapter import is_text_attachment, make_intents, strip_mention, to_event
-from tests.fakes.discord_server import FakeAttachment, FakeChannel, FakeDiscordServer, FakeUser, Json
+from adapters.discord.adapter import is_text_attachment, make_intents, strip_mention, to_event
+from tests.fakes.discord.server import FakeAttachment, FakeChannel, FakeDiscordServer, FakeUser, Json
 
 
 class Offline:
@@ -55,10 +55,13 @@ def test_direct_message_is_a_private_event_for_the_dm_channel(offline: Offline) 
     event = to_event(message, offline.bot_id)
     assert event is not None
     assert (event.platform, event.chat_id, event.user_id, event.message_id) == (
-        "discord", str(dm.id), str(offline.alice.id), str(message.id)
+        "discord",
+        str(dm.id),
+        str(offline.alice.id),
+        str(message.id),
     )
     assert event.text == "what is a monad?"
-    assert event.is_private and event.addressed_to_bot
+    assert event.is_private
     assert event.display_name == "Alice"
     assert event.timestamp == message.created_at
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bot import hf_model
 from bot.errors import GenerationError, ModelLoadError
 from bot.events import ChatTurn
-from bot.hf_model import HFEngine, default_model_file, load_engine
+from bot.model.hf import engine as hf_model
+from bot.model.hf.engine import HFEngine, default_model_file, load_engine
 from bot.ports import Engine, SamplingParams
 
 GREEDY = SamplingParams()
@@ -30,9 +30,7 @@ def chat_prompt(engine: HFEngine, question: str) -> list[int]:
     return engine.render_chat(SYSTEM, [ChatTurn("user", question)])
 
 
-def run_alone(
-    engine: HFEngine, prompt: Sequence[int], n: int, sampling: SamplingParams = GREEDY
-) -> list[int]:
+def run_alone(engine: HFEngine, prompt: Sequence[int], n: int, sampling: SamplingParams = GREEDY) -> list[int]:
     out = [engine.add([(0, prompt, sampling)])[0]]
     try:
         for _ in range(n - 1):
@@ -211,9 +209,7 @@ def reference_greedy(model_dir: Path, prompt: Sequence[int], n: int) -> list[int
     return [int(t) for t in out[0, len(prompt) :]]
 
 
-def test_gpt2_engine_matches_transformers_generate_past_the_spare_columns(
-    gpt2: HFEngine, tiny_gpt2_dir: Path
-) -> None:
+def test_gpt2_engine_matches_transformers_generate_past_the_spare_columns(gpt2: HFEngine, tiny_gpt2_dir: Path) -> None:
     prompt = gpt2.render_chat(None, [ChatTurn("user", "Paris is the capital of")])
     n = 100  # the cache buffer has to grow at least once
     expected = reference_greedy(tiny_gpt2_dir, prompt, n)
@@ -332,7 +328,7 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(
     broken = tmp_path / default_engine.cache_path.name
     shutil.copytree(default_engine.cache_path, broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors at all")
-    with caplog.at_level(logging.WARNING, logger="bot.hf_model"):
+    with caplog.at_level(logging.WARNING, logger="bot.model.hf.engine"):
         engine = load_engine(None, cache_dir=tmp_path, context_tokens=256)
     assert engine.loaded_from == "gguf"
     assert any("unusable" in r.getMessage() for r in caplog.records)
@@ -382,9 +378,7 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(default_engine: HF
 
 
 @pytest.mark.model
-def test_template_prompt_with_system_and_consecutive_user_turns(
-    default_engine: HFEngine, im_end: int
-) -> None:
+def test_template_prompt_with_system_and_consecutive_user_turns(default_engine: HFEngine, im_end: int) -> None:
     turns = [ChatTurn("user", "first part"), ChatTurn("user", "second part"), ChatTurn("assistant", "ok")]
     text = default_engine.decode(default_engine.render_chat("Be brief.", turns))
     assert "Be brief." in text and "first part" in text and "second part" in text
@@ -409,6 +403,7 @@ def test_tokenizer_methods_are_safe_from_other_threads_while_stepping(default_en
     # encode() and render_chat() set the tokenizer's shared special-token flag
     # differently; unguarded, one thread's call runs with the other's setting.
     texts = [f"Message {i} with <|im_end|> inside, émojis 🎉!" * (1 + i % 4) for i in range(30)]
+
     def tokenize(text: str) -> tuple[list[int], list[int]]:
         return default_engine.encode(text), default_engine.render_chat(SYSTEM, [ChatTurn("user", text)])
 

@@ -1,0 +1,1 @@
+"""The conversation manager and what it uses: commands, session settings, prompt, streaming."""

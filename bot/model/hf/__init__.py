@@ -1,0 +1,1 @@
+"""Hugging Face transformers on torch: loading, the KV cache, chat templates, batched decoding."""
