@@ -124,7 +124,7 @@ class Stack:
 
 def load_default_engine() -> Any:
     """The default model, through the user's model cache (so repeated runs are fast)."""
-    from bot.model.hf.engine import load_engine
+    from bot.model.hf import load_engine
 
     return load_engine(None, cache_dir=default_cache_dir(), context_tokens=2048, progress=print)
 

@@ -25,7 +25,7 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 started = time.perf_counter()
 from pathlib import Path
-from bot.model.hf.engine import load_engine
+from bot.model.hf import load_engine
 engine = load_engine(None, cache_dir=Path(sys.argv[2]), progress=lambda line: print(line, flush=True))
 print(json.dumps({"seconds": time.perf_counter() - started, "loaded_from": engine.loaded_from}), flush=True)
 """

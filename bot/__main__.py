@@ -59,7 +59,7 @@ def build_adapters(settings: Settings) -> list[Adapter]:
 async def serve(settings: Settings, adapters: Sequence[Adapter] | None = None) -> int:
     """Run the bot until the adapters finish or SIGINT/SIGTERM arrives. Returns the exit code."""
     from bot.chat.conversation import ConversationManager
-    from bot.model.hf.engine import load_engine
+    from bot.model.hf import load_engine
     from bot.model.scheduler import Worker
     from storage.database import create_engine, init_db
     from storage.repository import SqlRepository

