@@ -11,7 +11,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bot.chat.conversation import ConversationManager  # noqa: E402
 from bot.config import Settings, default_cache_dir  # noqa: E402
+from bot.core import Core, open_core  # noqa: E402
 from bot.events import IncomingMessage  # noqa: E402
-from bot.model.scheduler import Worker  # noqa: E402
-from storage.database import create_engine, init_db  # noqa: E402
-from storage.repository import SqlRepository  # noqa: E402
 
 
 class TimingTarget:
@@ -115,13 +111,6 @@ def event(text: str, user: str, message_id: int) -> IncomingMessage:
     )
 
 
-@dataclass
-class Stack:
-    manager: ConversationManager
-    worker: Worker
-    settings: Settings
-
-
 def load_default_engine() -> Any:
     """The default model, through the user's model cache (so repeated runs are fast)."""
     from bot.model.hf import load_engine
@@ -130,8 +119,8 @@ def load_default_engine() -> Any:
 
 
 @asynccontextmanager
-async def real_stack(engine: Any, **overrides: Any) -> AsyncIterator[Stack]:
-    """Manager + worker + SQLite (temp dir) around an already loaded engine."""
+async def real_stack(engine: Any, **overrides: Any) -> AsyncIterator[Core]:
+    """The real core (manager, worker, SQLite in a temp dir) around an already loaded engine."""
     with tempfile.TemporaryDirectory() as tmp:
         values: dict[str, Any] = {
             "database_url": f"sqlite+aiosqlite:///{tmp}/bench.db",
@@ -141,16 +130,8 @@ async def real_stack(engine: Any, **overrides: Any) -> AsyncIterator[Stack]:
         }
         values.update(overrides)
         settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
-        db = create_engine(settings.database_url)
-        await init_db(db)
-        try:
-            async with (
-                Worker(engine, max_batch_size=settings.max_batch_size, queue_size=settings.queue_size) as worker,
-                ConversationManager(settings, SqlRepository.from_engine(db), worker) as manager,
-            ):
-                yield Stack(manager, worker, settings)
-        finally:
-            await db.dispose()
+        async with open_core(settings, lambda: engine) as core:
+            yield core
 
 
 def median(values: list[float]) -> float:

@@ -3,7 +3,7 @@
 The bot process runs the real `DiscordAdapter` on the real discord.py client, the
 real `ConversationManager`, `Worker(FakeEngine)` and SQLite in a temporary
 directory. A second process plays Discord: the fake server
-(`tests/fakes/discord_server.py`) on 127.0.0.1 and the users, so that, as in
+(`tests/fakes/discord/`) on 127.0.0.1 and the users, so that, as in
 production, Discord's own work does not share the bot's interpreter.
 
 By default it runs twice: capacity, with each of N channels keeping one question in
@@ -45,7 +45,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.fakes.discord.server import FakeChannel, FakeDiscordServer, FakeUser, RestCall  # noqa: E402
+from tests.fakes.discord.rest import RestCall  # noqa: E402
+from tests.fakes.discord.server import FakeDiscordServer  # noqa: E402
+from tests.fakes.discord.world import FakeChannel, FakeUser  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class StreamingEcho:
         for piece in ("Echo:", " ", event.text):
             await streamer.push(piece)
         await streamer.finish()
+
+    async def move_chat(self, platform: Any, old_chat_id: str, new_chat_id: str) -> None:
+        return None  # Discord never gives a channel a new id
 
 
 # --------------------------------------------------------------------------- Discord's side
@@ -185,11 +190,9 @@ def discord_process(plan: Plan, pipe: Connection) -> None:
 async def bot_side(plan: Plan, pipe: Connection, profile: cProfile.Profile | None) -> dict[str, Any]:
     from adapters.discord.adapter import DiscordAdapter
     from bot.chat.commands import COMMANDS
-    from bot.chat.conversation import ConversationManager
     from bot.config import Settings
-    from bot.model.scheduler import Worker
-    from storage.database import open_database
-    from storage.repository import SqlRepository
+    from bot.core import open_core
+    from bot.ports import IncomingHandler
     from tests.fakes.fake_engine import FakeEngine
 
     endpoints = await asyncio.to_thread(pipe.recv)
@@ -207,13 +210,9 @@ async def bot_side(plan: Plan, pipe: Connection, profile: cProfile.Profile | Non
             queue_size=max(64, 4 * plan.channels),
         )
         adapter = DiscordAdapter(settings, COMMANDS)
-        async with (
-            open_database(db_url) as db,
-            Worker(FakeEngine(), max_batch_size=settings.max_batch_size, queue_size=settings.queue_size) as worker,
-            ConversationManager(settings, SqlRepository.from_engine(db), worker) as manager,
-        ):
-            handler = manager if plan.core else StreamingEcho()
-            gc.collect()  # as bot/__main__.py does before serving
+        async with open_core(settings, FakeEngine) as core:
+            handler: IncomingHandler = core.manager if plan.core else StreamingEcho()
+            gc.collect()  # as bot/app.py does before serving
             gc.freeze()
             task = asyncio.create_task(adapter.run(handler), name="bench:discord-adapter")
             try:

@@ -3,8 +3,9 @@
 The bot process runs the real adapter (python-telegram-bot, long polling), the real
 ConversationManager, Worker(FakeEngine) and SQLite in a temp dir. The fake Bot API
 server and the simulated users run in a second process, as Telegram would be
-another machine. No client-side rate limiter; the default edit interval (1 s), so a
-reply is one sendMessage then one final editMessageText.
+another machine. The adapter's rate limiter only retries (the fake never answers 429);
+the default edit interval (1 s), so a reply is one sendMessage then one final
+editMessageText.
 
 Two phases, after a warm-up:
 1. capacity: every chat sends its next message as soon as the previous reply is
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.fakes.telegram_server import Chat, FakeTelegramServer, StoredMessage, User  # noqa: E402
+from tests.fakes.telegram import Chat, FakeTelegramServer, StoredMessage, User  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -169,24 +170,25 @@ class DirectEcho:
     async def handle(self, event: Any, target: Any) -> None:
         await target.send(f"Echo: {event.text}")
 
+    async def move_chat(self, platform: Any, old_chat_id: str, new_chat_id: str) -> None:
+        return None  # the benchmark's chats never migrate
+
 
 async def run_bot(conn: Connection, api_base: str, token: str, chats: int, adapter_only: bool) -> dict[str, Any]:
     from pydantic import SecretStr
 
     from adapters.telegram.adapter import TelegramAdapter
     from bot.chat.commands import COMMANDS
-    from bot.chat.conversation import ConversationManager
     from bot.config import Settings
-    from bot.model.scheduler import Worker
-    from storage.database import create_engine, init_db
-    from storage.repository import SqlRepository
+    from bot.core import open_core
+    from bot.ports import IncomingHandler
     from tests.fakes.fake_engine import FakeEngine
 
     loop = asyncio.get_running_loop()
 
-    async def serve(handler: Any) -> dict[str, Any]:
+    async def serve(handler: IncomingHandler) -> dict[str, Any]:
         adapter = TelegramAdapter(settings, COMMANDS)
-        gc.collect()  # as bot/__main__.py does before serving
+        gc.collect()  # as bot/app.py does before serving
         gc.freeze()
         task = asyncio.create_task(adapter.run(handler), name="bench:telegram")
         await asyncio.wait_for(adapter.started.wait(), timeout=30)
@@ -209,16 +211,8 @@ async def run_bot(conn: Connection, api_base: str, token: str, chats: int, adapt
         )
         if adapter_only:
             return await serve(DirectEcho())
-        db = create_engine(url)
-        await init_db(db)
-        try:
-            async with (
-                Worker(FakeEngine(), max_batch_size=settings.max_batch_size, queue_size=settings.queue_size) as worker,
-                ConversationManager(settings, SqlRepository.from_engine(db), worker) as manager,
-            ):
-                return await serve(manager)
-        finally:
-            await db.dispose()
+        async with open_core(settings, FakeEngine) as core:
+            return await serve(core.manager)
 
 
 def main() -> None:

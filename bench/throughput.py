@@ -14,7 +14,9 @@ import threading
 import time
 
 import psutil
-from common import LoopLag, Stack, TimingTarget, event, load_default_engine, median, real_stack
+from common import LoopLag, TimingTarget, event, load_default_engine, median, real_stack
+
+from bot.core import Core
 
 TOPICS = [
     "the sea",
@@ -77,13 +79,13 @@ class PeakRss:
         self._thread.join()
 
 
-async def ask(stack: Stack, prompt: str, user: str) -> TimingTarget:
+async def ask(stack: Core, prompt: str, user: str) -> TimingTarget:
     target = TimingTarget()
     await stack.manager.handle(event(prompt, user, next(_ids)), target)
     return target
 
 
-async def together(stack: Stack, prompts: list[str], tag: str) -> tuple[float, int, list[TimingTarget]]:
+async def together(stack: Core, prompts: list[str], tag: str) -> tuple[float, int, list[TimingTarget]]:
     before = stack.worker.stats().tokens_generated
     started = time.perf_counter()
     targets = await asyncio.gather(*(ask(stack, p, f"{tag}{i}") for i, p in enumerate(prompts)))

@@ -1,19 +1,19 @@
 """Settings: one typed class read from the environment and `.env`.
 
-Per-session settings (`/config set`) are described by `SESSION_SETTINGS`, which both
-validates the defaults here and the values users type in chat.
+The session defaults here are checked by the same `SESSION_SETTINGS` specs that check
+the values users type with `/config set`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bot.chat.session import SESSION_SETTINGS, SessionSettings
 from bot.errors import ConfigError
 from bot.ports import SettingValue
 
@@ -23,59 +23,6 @@ ADMIN_PLATFORMS = ("telegram", "discord", "console")
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "llm-chat-bot"
-
-
-@dataclass(frozen=True, slots=True)
-class SessionSettingSpec:
-    """A key of `/config set`: its type and allowed range."""
-
-    name: str
-    kind: type[int] | type[float] | type[str]
-    minimum: float | None
-    maximum: float | None
-    help: str
-
-    def parse(self, raw: str) -> SettingValue:
-        """Parse and range-check a value typed by a user; raises `ValueError` with a
-        message fit for the user."""
-        raw = raw.strip()
-        if self.kind is str:
-            if not raw:
-                raise ValueError(f"{self.name} cannot be empty")
-            if self.maximum is not None and len(raw) > self.maximum:
-                raise ValueError(f"{self.name} is limited to {int(self.maximum)} characters")
-            return raw
-        try:
-            number: int | float = int(raw) if self.kind is int else float(raw)
-        except ValueError:
-            raise ValueError(f"{self.name} must be {self.describe_range()}") from None
-        if (
-            number != number
-            or (self.minimum is not None and number < self.minimum)
-            or (self.maximum is not None and number > self.maximum)
-        ):
-            raise ValueError(f"{self.name} must be {self.describe_range()}")
-        return number
-
-    def describe_range(self) -> str:
-        if self.kind is str:
-            return f"text of at most {int(self.maximum or 0)} characters"
-        noun = "a whole number" if self.kind is int else "a number"
-        lo = self.minimum if self.kind is float else int(self.minimum or 0)
-        hi = self.maximum if self.kind is float else int(self.maximum or 0)
-        return f"{noun} from {lo} to {hi}"
-
-
-SESSION_SETTINGS: dict[str, SessionSettingSpec] = {
-    s.name: s
-    for s in (
-        SessionSettingSpec("system_prompt", str, None, 2000, "the model's instructions"),
-        SessionSettingSpec("temperature", float, 0.0, 2.0, "randomness; 0 is greedy"),
-        SessionSettingSpec("top_p", float, 0.05, 1.0, "nucleus sampling cut-off"),
-        SessionSettingSpec("max_new_tokens", int, 1, 2048, "longest reply, in tokens"),
-        SessionSettingSpec("history_turns", int, 0, 200, "past messages the model sees"),
-    )
-}
 
 
 class Settings(BaseSettings):
@@ -169,8 +116,15 @@ class Settings(BaseSettings):
             raise ValueError("must be a SQLAlchemy URL like sqlite+aiosqlite:///data/bot.db")
         return value
 
-    def session_defaults(self) -> dict[str, SettingValue]:
-        return {name: getattr(self, name) for name in SESSION_SETTINGS}
+    def session_defaults(self) -> SessionSettings:
+        """The settings of a session that has stored none of its own."""
+        return SessionSettings(
+            system_prompt=self.system_prompt,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            history_turns=self.history_turns,
+        )
 
     def is_admin(self, sender: str) -> bool:
         """`sender` as `platform:user_id`. The terminal's local user is always an admin."""

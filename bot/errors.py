@@ -4,6 +4,14 @@ user-facing explanation; the log gets the details."""
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-blank line of `exc`, at most `limit` characters: for one log line or
+    a `ConfigError` (library messages run to many lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class BotError(Exception):
     """Base of every error this project raises on purpose."""
 

@@ -266,4 +266,3 @@ class CommandInfo:
     name: str
     description: str
     admin_only: bool
-

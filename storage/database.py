@@ -1,4 +1,6 @@
-"""Engine creation and lifecycle. Every bad `DATABASE_URL` becomes one `ConfigError`."""
+"""Opening the database that `DATABASE_URL` names: SQLAlchemy's async engine for it (with
+SQLite's pragmas on every connection), then its tables. Every bad URL becomes one
+`ConfigError`."""
 
 from __future__ import annotations
 
@@ -13,14 +15,14 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from bot.errors import ConfigError
+from bot.errors import ConfigError, first_line
 from storage.models import Base
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 SQLITE_PRAGMAS = ("journal_mode=WAL", "foreign_keys=ON", "busy_timeout=5000", "synchronous=NORMAL")
-_EXAMPLE = "sqlite+aiosqlite:///data/bot.db"
+_EXAMPLE_URL = "sqlite+aiosqlite:///data/bot.db"
 
 
 def _bad_url(problem: str) -> ConfigError:
@@ -45,7 +47,7 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """An async engine for `url` (SQLite via aiosqlite, or PostgreSQL).
+    """SQLAlchemy's async engine for `url` (SQLite via aiosqlite, or PostgreSQL).
 
     For SQLite the file's directory is created and every new connection gets the
     `SQLITE_PRAGMAS`. Nothing connects yet: `init_db` does.
@@ -53,15 +55,16 @@ def create_engine(url: str) -> AsyncEngine:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
-        raise _bad_url(f"not a database URL; expected something like {_EXAMPLE}") from None
+        raise _bad_url(f"not a database URL; expected something like {_EXAMPLE_URL}") from None
     backend = parsed.get_backend_name()
     if backend not in SUPPORTED_BACKENDS:
-        raise _bad_url(f"unsupported database {backend!r}; use SQLite ({_EXAMPLE}) or PostgreSQL")
-    if backend == "sqlite" and (path := _sqlite_file(parsed)) is not None:
+        raise _bad_url(f"unsupported database {backend!r}; use SQLite ({_EXAMPLE_URL}) or PostgreSQL")
+    sqlite_file = _sqlite_file(parsed) if backend == "sqlite" else None
+    if sqlite_file is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            sqlite_file.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _bad_url(f"cannot create directory {path.parent}: {exc.strerror}") from None
+            raise _bad_url(f"cannot create directory {sqlite_file.parent}: {exc.strerror}") from None
     try:
         # hide_parameters: message text must not end up in error logs.
         # SQLite takes one writer at a time, and a second connection waiting on the lock
@@ -71,7 +74,7 @@ def create_engine(url: str) -> AsyncEngine:
             # Every unit of work ends in commit or rollback (`sessionmaker.begin()`),
             # so the pool's extra rollback on check-in would be a wasted round trip.
             {"pool_size": 1, "max_overflow": 0, "pool_reset_on_return": None}
-            if backend == "sqlite" and _sqlite_file(parsed) is not None
+            if sqlite_file is not None
             else {"pool_pre_ping": backend != "sqlite"}
         )
         engine = create_async_engine(parsed, hide_parameters=True, **pool)
@@ -81,7 +84,7 @@ def create_engine(url: str) -> AsyncEngine:
         raise _bad_url(f"driver for {parsed.drivername!r} is not installed ({exc.name})") from None
     except (ArgumentError, SQLAlchemyError) as exc:
         # e.g. a sync driver ("sqlite://"): the asyncio extension needs an async one.
-        raise _bad_url(f"{parsed.drivername!r} cannot be used: {_first_line(exc)}") from None
+        raise _bad_url(f"{parsed.drivername!r} cannot be used: {_driver_message(exc)}") from None
     if backend == "sqlite":
         event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
     return engine
@@ -93,7 +96,7 @@ async def init_db(engine: AsyncEngine) -> None:
         async with engine.begin() as connection:
             await connection.run_sync(Base.metadata.create_all)
     except (SQLAlchemyError, OSError) as exc:
-        raise _bad_url(f"cannot open the database: {_first_line(exc)}") from None
+        raise _bad_url(f"cannot open the database: {_driver_message(exc)}") from None
     logger.info("Database ready: %s", engine.url.render_as_string(hide_password=True))
 
 
@@ -108,7 +111,8 @@ async def open_database(url: str) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
-def _first_line(exc: BaseException) -> str:
-    """The driver's own message, without SQLAlchemy's SQL/parameters/background lines."""
+def _driver_message(exc: BaseException) -> str:
+    """The first line of the driver's own message, without SQLAlchemy's
+    SQL/parameters/background lines."""
     inner = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    return (str(inner).strip().splitlines() or [type(inner).__name__])[0][:200]
+    return first_line(inner, limit=200)

@@ -14,6 +14,7 @@ from bot.ports import SettingValue
 
 
 def utcnow() -> datetime:
+    """Now, as an aware UTC datetime."""
     return datetime.now(UTC)
 
 
@@ -35,7 +36,7 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
-    pass
+    """The declarative base: `Base.metadata` holds every table (`init_db` creates them)."""
 
 
 class Conversation(Base):

@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.chat.conversation import ConversationManager
 from bot.config import Settings
-from bot.model.scheduler import Worker
+from bot.core import Core, open_core
+from bot.ports import Engine
 from storage.database import create_engine, init_db
 from storage.repository import SqlRepository
 from tests.fakes.fake_engine import FakeEngine
@@ -60,13 +61,16 @@ class Harness:
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
     @asynccontextmanager
+    async def core(self, engine: Engine | None = None, **overrides: Any) -> AsyncIterator[Core]:
+        """The real core on this harness's database, around `engine` (default: the fake)."""
+        chosen = self.engine if engine is None else engine
+        async with open_core(self.settings(**overrides), lambda: chosen, repository=self.repo) as core:
+            yield core
+
+    @asynccontextmanager
     async def manager(self, **overrides: Any) -> AsyncIterator[ConversationManager]:
-        settings = self.settings(**overrides)
-        async with (
-            Worker(self.engine, max_batch_size=settings.max_batch_size, queue_size=settings.queue_size) as worker,
-            ConversationManager(settings, self.repo, worker) as manager,
-        ):
-            yield manager
+        async with self.core(**overrides) as core:
+            yield core.manager
 
     async def restart_database(self) -> None:
         """Dispose the engine and open a new one on the same file, as a restart would."""

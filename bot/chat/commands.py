@@ -7,12 +7,12 @@ pass the text on (Discord slash commands are turned into the same text).
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
-from bot.config import SESSION_SETTINGS, Settings
+from bot.chat.session import SESSION_SETTINGS, SessionSettings, SessionStore
+from bot.config import Settings
 from bot.errors import CommandError, PermissionDenied
 from bot.events import ConversationKey, IncomingMessage
 from bot.ports import CommandInfo, ModelBackend, ReplyTarget, Repository, SettingValue
@@ -29,7 +29,6 @@ COMMANDS: tuple[CommandInfo, ...] = (
     CommandInfo("stats", "Usage statistics (admins)", admin_only=True),
 )
 _NAMES = frozenset(c.name for c in COMMANDS)
-_SETTINGS_CACHE_SIZE = 10_000
 
 Scope = Literal["conversation", "chat"]
 
@@ -55,13 +54,17 @@ def parse_command(text: str) -> ParsedCommand | None:
     return ParsedCommand(name, tuple(rest.split()), rest.strip())
 
 
-@dataclass(frozen=True, slots=True)
-class SessionControl:
+class ConversationControl(Protocol):
     """What commands may ask of the conversation manager."""
 
-    stop: Callable[[Callable[[ConversationKey], bool]], Awaitable[int]]
-    """Cancel in-flight and queued turns of matching conversations; returns how many."""
-    queue_stats: Callable[[], Mapping[str, int]]
+    async def stop(self, match: Callable[[ConversationKey], bool]) -> int:
+        """Cancel the replies in progress and drop the waiting turns of matching
+        conversations; returns how many replies were stopped."""
+        ...
+
+    def waiting_turns(self) -> int:
+        """Messages accepted but waiting for an earlier turn of their conversation."""
+        ...
 
 
 class CommandRunner:
@@ -71,43 +74,15 @@ class CommandRunner:
         self,
         settings: Settings,
         repository: Repository,
-        generator: ModelBackend,
-        sessions: SessionControl,
+        sessions: SessionStore,
+        model: ModelBackend,
+        conversations: ConversationControl,
     ) -> None:
         self._settings = settings
         self._repo = repository
-        self._generator = generator
         self._sessions = sessions
-        # Overrides read once per session: this process is the only writer, and every
-        # turn needs them. Bounded, least recently used first out.
-        self._overrides: OrderedDict[ConversationKey, dict[str, SettingValue]] = OrderedDict()
-        self._writes = 0  # a read that raced a write must not cache what it read
-
-    async def overrides(self, key: ConversationKey) -> dict[str, SettingValue]:
-        """The session's stored settings (cached)."""
-        cached = self._overrides.get(key)
-        if cached is None:
-            writes = self._writes
-            cached = await self._repo.get_settings(key)
-            if writes == self._writes:
-                self._overrides[key] = cached
-                if len(self._overrides) > _SETTINGS_CACHE_SIZE:
-                    self._overrides.popitem(last=False)
-        else:
-            self._overrides.move_to_end(key)
-        return dict(cached)
-
-    def _forget_overrides(self, key: ConversationKey) -> None:
-        self._writes += 1
-        self._overrides.pop(key, None)
-
-    async def effective_settings(self, key: ConversationKey) -> dict[str, SettingValue]:
-        """Defaults from `Settings`, overridden by the session's stored values."""
-        values = self._settings.session_defaults()
-        for name, value in (await self.overrides(key)).items():
-            if name in SESSION_SETTINGS:  # ignore keys a newer/older version stored
-                values[name] = value
-        return values
+        self._model = model
+        self._conversations = conversations
 
     async def run(self, command: ParsedCommand, event: IncomingMessage, target: ReplyTarget) -> str:
         if command.name not in _NAMES:
@@ -135,16 +110,16 @@ class CommandRunner:
             "Just write to me"
             + ("" if event.is_private else " (mention me or reply to me)")
             + ".\n\n"
-            + self._help_text(event)
+            + self._help_text()
         )
 
     async def _cmd_help(self, command: ParsedCommand, event: IncomingMessage, target: ReplyTarget) -> str:
-        return self._help_text(event)
+        return self._help_text()
 
     async def _cmd_reset(self, command: ParsedCommand, event: IncomingMessage, target: ReplyTarget) -> str:
         key = event.key
         if not command.args:
-            await self._sessions.stop(lambda k: k == key)
+            await self._conversations.stop(lambda k: k == key)
             count = await self._repo.clear_conversation(key)
             return f"Done: I forgot our conversation ({count} messages)."
         if len(command.args) != 1:
@@ -152,12 +127,12 @@ class CommandRunner:
         await self._require_admin(event, target, "chat")
         arg = command.args[0]
         if arg.lower() == "chat":
-            await self._sessions.stop(lambda k: (k.platform, k.chat_id) == (key.platform, key.chat_id))
+            await self._conversations.stop(lambda k: (k.platform, k.chat_id) == (key.platform, key.chat_id))
             count = await self._repo.clear_chat(key.platform, key.chat_id)
             return f"Done: every conversation in this chat was reset ({count} messages)."
         user_id = arg.removeprefix("<@").removeprefix("!").removesuffix(">")  # Discord mention form
         other = ConversationKey(key.platform, key.chat_id, user_id)
-        await self._sessions.stop(lambda k: k == other)
+        await self._conversations.stop(lambda k: k == other)
         count = await self._repo.clear_conversation(other)
         return f"Done: the conversation of user {user_id} in this chat was reset ({count} messages)."
 
@@ -165,7 +140,7 @@ class CommandRunner:
         sub = command.args[0].lower() if command.args else "show"
         key = event.key
         if sub == "show":
-            return self._format_settings(await self.effective_settings(key), await self.overrides(key))
+            return self._format_settings(await self._sessions.effective(key), await self._sessions.overrides(key))
         if sub == "set":
             await self._require_admin(event, target, "chat")
             if len(command.args) < 3:
@@ -179,25 +154,22 @@ class CommandRunner:
                 value = spec.parse(raw)
             except ValueError as exc:
                 raise CommandError(f"Bad value: {exc}.") from None
-            await self._repo.set_setting(key, name, value)
-            self._forget_overrides(key)
+            await self._sessions.set(key, name, value)
             return f"{name} is now {value!r} for this session."
         if sub == "reset":
             await self._require_admin(event, target, "chat")
-            await self._repo.clear_settings(key)
-            self._forget_overrides(key)
+            await self._sessions.clear(key)
             return "This session's settings are back to the defaults."
         raise CommandError("Usage: /config, /config set <key> <value>, /config reset")
 
     async def _cmd_stats(self, command: ParsedCommand, event: IncomingMessage, target: ReplyTarget) -> str:
         await self._require_admin(event, target, "conversation")
         repo = await self._repo.stats()
-        worker = self._generator.stats()
-        queued = self._sessions.queue_stats()
+        worker = self._model.stats()
         return (
             f"Users: {repo.users}\nConversations: {repo.conversations}\nMessages: {repo.messages}\n"
             f"Queue: {worker.queue_depth} waiting for the model, {worker.active} generating, "
-            f"{queued.get('waiting', 0)} waiting for their turn\n"
+            f"{self._conversations.waiting_turns()} waiting for their turn\n"
             f"Tokens generated: {worker.tokens_generated}\nSpeed: {worker.tokens_per_s:.1f} tokens/s"
         )
 
@@ -206,13 +178,13 @@ class CommandRunner:
     def _command_list(self) -> str:
         return ", ".join(f"/{c.name}" for c in COMMANDS)
 
-    def _help_text(self, event: IncomingMessage) -> str:
+    def _help_text(self) -> str:
         lines = ["Commands:"] + [f"/{c.name} — {c.description}" for c in COMMANDS]
         lines.append(f"Setting keys for /config set: {', '.join(SESSION_SETTINGS)}.")
         return "\n".join(lines)
 
     @staticmethod
-    def _format_settings(effective: Mapping[str, SettingValue], overrides: Mapping[str, SettingValue]) -> str:
+    def _format_settings(effective: SessionSettings, overrides: Mapping[str, SettingValue]) -> str:
         lines = ["Settings for this session:"]
         for name, value in effective.items():
             mark = " (set for this session)" if name in overrides else ""

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-from bot.chat.commands import CommandRunner, SessionControl, parse_command
+from bot.chat.commands import CommandRunner, parse_command
 from bot.chat.prompt import build_prompt
+from bot.chat.session import SessionStore
 from bot.chat.streaming import ReplyStreamer
 from bot.config import Settings
 from bot.errors import (
@@ -75,20 +76,19 @@ class ConversationManager:
         self,
         settings: Settings,
         repository: Repository,
-        generator: ModelBackend,
+        model: ModelBackend,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._repo = repository
-        self._generator = generator
+        self._model = model
         self._clock = clock
+        self._sessions = SessionStore(settings.session_defaults(), repository)
+        self._commands = CommandRunner(settings, repository, self._sessions, model, conversations=self)
         self._conversations: dict[ConversationKey, _Conversation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
-        self.commands = CommandRunner(
-            settings, repository, generator, SessionControl(stop=self.stop, queue_stats=self._queue_stats)
-        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -119,7 +119,7 @@ class ConversationManager:
         try:
             command = parse_command(event.text)
             if command is not None:
-                await self._reply(target, await self.commands.run(command, event, target))
+                await self._reply(target, await self._commands.run(command, event, target))
                 return
             self._check_input(event.text)
         except CommandError as exc:
@@ -220,11 +220,9 @@ class ConversationManager:
             await asyncio.wait(stopped)
         return len(stopped)
 
-    def _queue_stats(self) -> dict[str, int]:
-        return {
-            "waiting": sum(len(c.waiting) for c in self._conversations.values()),
-            "conversations": len(self._conversations),
-        }
+    def waiting_turns(self) -> int:
+        """Messages accepted but waiting for an earlier turn of their conversation."""
+        return sum(len(c.waiting) for c in self._conversations.values())
 
     # ------------------------------------------------------------------ the turn
 
@@ -255,24 +253,22 @@ class ConversationManager:
 
     async def _generate_reply(self, event: IncomingMessage, target: ReplyTarget, streamer: ReplyStreamer) -> None:
         key = event.key
-        settings = await self.commands.effective_settings(key)
+        settings = await self._sessions.effective(key)
         # Stored first: whatever happens to the reply, the user's message is kept.
         history = await self._repo.add_and_recent(
             key,
             "user",
             event.text,
-            await self._generator.count_tokens(event.text),
+            await self._model.count_tokens(event.text),
             event.message_id,
-            int(settings["history_turns"]) + 1,
+            settings.history_turns + 1,
         )
-        prompt = await build_prompt(
-            self._generator, str(settings["system_prompt"]), history, int(settings["max_new_tokens"])
-        )
+        prompt = await build_prompt(self._model, settings.system_prompt, history, settings.max_new_tokens)
         params = GenerationParams(
             max_new_tokens=prompt.max_new_tokens,
-            sampling=SamplingParams(temperature=float(settings["temperature"]), top_p=float(settings["top_p"])),
+            sampling=SamplingParams(temperature=settings.temperature, top_p=settings.top_p),
         )
-        stream = self._generator.generate(prompt.ids, params)
+        stream = self._model.generate(prompt.ids, params)
         tokens = 0
         try:
             try:

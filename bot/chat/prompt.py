@@ -21,7 +21,6 @@ _TURN_OVERHEAD = 6
 @dataclass(frozen=True, slots=True)
 class Prompt:
     ids: list[int]
-    turns_used: int
     max_new_tokens: int
 
 
@@ -32,7 +31,7 @@ def reply_budget(context_length: int, max_new_tokens: int) -> int:
 
 
 async def build_prompt(
-    generator: ModelBackend,
+    model: ModelBackend,
     system_prompt: str | None,
     history: Sequence[StoredMessage],
     max_new_tokens: int,
@@ -43,10 +42,10 @@ async def build_prompt(
     Raises `InputRejected` when not even the newest message fits."""
     if not history:
         raise ValueError("history must hold the new message")
-    new_tokens = reply_budget(generator.context_length, max_new_tokens)
-    budget = generator.context_length - new_tokens
+    new_tokens = reply_budget(model.context_length, max_new_tokens)
+    budget = model.context_length - new_tokens
     system = system_prompt or None
-    used = (await generator.count_tokens(system) + _TURN_OVERHEAD) if system else 0
+    used = (await model.count_tokens(system) + _TURN_OVERHEAD) if system else 0
 
     start = len(history)
     for message in reversed(history):
@@ -60,10 +59,10 @@ async def build_prompt(
     # oldest turn until it fits.
     while True:
         turns = [ChatTurn(m.role, m.content) for m in history[start:]]
-        ids = await generator.render_prompt(system, turns)
+        ids = await model.render_prompt(system, turns)
         if len(ids) <= budget:
             logger.debug("prompt: %d tokens, %d turns", len(ids), len(turns))
-            return Prompt(ids, len(turns), new_tokens)
+            return Prompt(ids, new_tokens)
         if start < len(history) - 1:
             start += 1
         elif system is not None:

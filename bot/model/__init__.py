@@ -1,1 +1,3 @@
-"""The model: the local worker (`scheduler`) and, in `hf/`, the only code that imports torch and transformers."""
+"""The model: the local worker (`scheduler`, with `detokenizer` turning tokens into text
+and `streams` carrying it to the event loop) and, in `hf/`, the only code that imports
+torch and transformers."""

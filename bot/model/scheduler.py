@@ -1,13 +1,11 @@
 """The model worker: one scheduler thread owns the `Engine`; each request streams to
-the event loop through its own queue.
+the event loop through its own `streams.Channel`.
 
 The thread runs continuous batching: at every step boundary it admits waiting
 requests first-come first-served while the batch has room (`Engine.add`), runs one
 batched decode step (`Engine.step`), hands the new text of every request to the event
 loop in one callback, and removes finished or cancelled sequences (`Engine.remove`).
-Tokens are detokenized incrementally in the thread, so multi-byte characters and
-word pieces arrive whole, and text that might start a stop string is held back until
-it is decided.
+Tokens become text in the thread, through each request's `Detokenizer`.
 """
 
 from __future__ import annotations
@@ -20,83 +18,36 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Final
 
-from bot.errors import BusyError, ConfigError, GenerationCancelled, GenerationError
+from bot.errors import BusyError, GenerationCancelled, GenerationError
 from bot.events import ChatTurn
+from bot.model.detokenizer import Detokenizer
+from bot.model.streams import Channel, End, Item, Text, send, send_from_loop
 from bot.ports import Engine, FinishReason, GenerationParams, ReplyChunk, WorkerStats
 
 logger = logging.getLogger(__name__)
 
 THREAD_NAME: Final = "model-scheduler"
-# Prompt tokens decoded with the reply so the first piece gets its leading space right
-# (SentencePiece-style tokenizers drop it when a token is decoded alone).
-_DETOK_CONTEXT: Final = 5
-_REPLACEMENT: Final = "\ufffd"
 
 
-@dataclass(frozen=True, slots=True)
-class _Text:
-    """New text, and how many tokens the request had generated when it was decoded."""
-
-    text: str
-    tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class _End:
-    """The stream's last item: `error` is None for a normal end."""
-
-    error: BaseException | None = None
-    finish_reason: FinishReason = "stop"
-    tokens: int = 0
-
-
-_Item = _Text | _End
-
-
-class _Channel:
-    """The event-loop half of a request: items arrive via `loop.call_soon_threadsafe`."""
-
-    __slots__ = ("closed", "loop", "queue")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self.closed = False  # touched on the loop only
-
-    def put(self, item: _Item) -> None:
-        """Loop side. Nothing goes in after the end (e.g. after shutdown ended it)."""
-        if self.closed:
-            return
-        if isinstance(item, _End):
-            self.closed = True
-        self.queue.put_nowait(item)
-
-
+@dataclass(eq=False, slots=True)  # eq=False: requests are kept in sets by identity
 class _Request:
     """One generation. The scheduler thread owns everything but `cancelled`, which is
     set under the worker's lock by the loop side."""
 
-    def __init__(self, seq_id: int, prompt: list[int], params: GenerationParams, channel: _Channel) -> None:
-        self.seq_id = seq_id
-        self.prompt = prompt
-        self.params = params
-        self.channel = channel
-        self.cancelled = False
-        self.finished = False
-        self.generated: list[int] = []
-        # Incremental detokenization over `ids` (a little prompt context + reply).
-        tail = prompt[-_DETOK_CONTEXT:]
-        self.ids: list[int] = list(tail)
-        self.prefix_offset = 0
-        self.read_offset = len(tail)
-        self.held = ""  # decoded text not yet sent (might be the start of a stop string)
+    seq_id: int
+    prompt: list[int]
+    params: GenerationParams
+    channel: Channel
+    text: Detokenizer
+    cancelled: bool = False
+    finished: bool = False
+    generated: int = 0  # tokens so far
 
 
 class Worker:
-    """Implements `bot.ports.Generator` on top of an `Engine`.
+    """Implements `bot.ports.ModelBackend` on top of an `Engine`.
 
     Use as ``async with Worker(engine) as worker:``; leaving the block cancels every
     waiting and running request (their streams raise `GenerationCancelled`) and joins
@@ -104,15 +55,12 @@ class Worker:
     """
 
     def __init__(self, engine: Engine, *, max_batch_size: int = 8, queue_size: int = 64) -> None:
-        if max_batch_size < 1:
-            raise ConfigError("max_batch_size", "must be at least 1")
-        if queue_size < 1:
-            raise ConfigError("queue_size", "must be at least 1")
+        """`max_batch_size` and `queue_size` are at least 1 (`bot.config.Settings` checks them)."""
         self._engine = engine
         self._max_batch = max_batch_size
         self._queue_size = queue_size
         self._eos = engine.eos_token_ids
-        self._stops = tuple(s for s in engine.stop_strings if s)
+        self._stops = engine.stop_strings
 
         self._cond = threading.Condition()
         # Guarded by _cond:
@@ -151,12 +99,7 @@ class Worker:
         logger.info("model worker started (max batch %d, queue %d)", self._max_batch, self._queue_size)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *_: object) -> None:
         with self._cond:
             self._stopping = True
             doomed = list(self._live)
@@ -168,7 +111,7 @@ class Worker:
         # End the streams now rather than after the thread's current step.
         loop = asyncio.get_running_loop()
         for req in doomed:
-            _deliver_from_loop(loop, req.channel, _End(GenerationCancelled("the bot is shutting down")))
+            send_from_loop(loop, req.channel, End(GenerationCancelled("the bot is shutting down")))
         if doomed:
             logger.info("model worker stopping: cancelled %d request(s)", len(doomed))
         if self._thread is not None:
@@ -199,28 +142,12 @@ class Worker:
         iterates it cancels the request.
         """
         req = self._submit(list(prompt_ids), params)
-        queue = req.channel.queue
-        counted = 0  # tokens already reported to the consumer
         try:
             while True:
-                item = await queue.get()
-                # Text that piled up while the consumer was busy goes out as one piece:
-                # one send or edit for it instead of one per token.
-                pieces: list[str] = []
-                tokens = counted
-                while isinstance(item, _Text):
-                    pieces.append(item.text)
-                    tokens = item.tokens
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
-                if isinstance(item, _End):
-                    if item.error is not None:
-                        raise item.error
-                    yield ReplyChunk("".join(pieces), max(item.tokens, tokens) - counted, item.finish_reason)
+                chunk = await req.channel.receive()
+                yield chunk
+                if chunk.finish_reason is not None:
                     return
-                yield ReplyChunk("".join(pieces), tokens - counted)
-                counted = tokens
         finally:
             self._cancel(req)
 
@@ -237,8 +164,6 @@ class Worker:
                 tokens_per_s=self._tokens / busy if busy > 0 else 0.0,
             )
 
-    # ------------------------------------------------------------------ loop side
-
     def _submit(self, prompt: list[int], params: GenerationParams) -> _Request:
         if not prompt:
             raise GenerationError("empty prompt")
@@ -248,7 +173,7 @@ class Worker:
             raise GenerationError(
                 f"prompt of {len(prompt)} tokens leaves no room in a context of {self.context_length}"
             )
-        channel = _Channel(asyncio.get_running_loop())
+        channel, text = Channel(asyncio.get_running_loop()), Detokenizer(self._engine.decode, prompt, self._stops)
         with self._cond:
             if self._dead is not None:
                 raise GenerationError("the model thread has stopped") from self._dead
@@ -256,7 +181,7 @@ class Worker:
                 raise GenerationCancelled("the model worker is not running")
             if len(self._pending) >= self._queue_size:
                 raise BusyError(f"{len(self._pending)} requests waiting")
-            req = _Request(next(self._seq_ids), prompt, params, channel)
+            req = _Request(next(self._seq_ids), prompt, params, channel, text)
             self._pending.append(req)
             self._live.add(req)
             self._cond.notify()
@@ -273,7 +198,7 @@ class Worker:
                 self._pending.remove(req)
             except ValueError:
                 pass  # active: the scheduler removes it at the next step boundary
-        req.channel.closed = True
+        req.channel.close()
         logger.debug("request %d cancelled by its consumer", req.seq_id)
 
     # ------------------------------------------------------------------ scheduler thread
@@ -323,11 +248,8 @@ class Worker:
         try:
             if not batch:
                 return
-            for req in batch:
-                if self._engine.decode(req.ids).endswith(_REPLACEMENT):
-                    req.ids, req.read_offset = [], 0  # the prompt tail ends mid-character
             first = self._add(batch)
-            deliveries: list[tuple[_Request, _Item]] = []
+            deliveries: list[tuple[_Request, Item]] = []
             for req in batch:
                 if req.seq_id not in first:
                     continue
@@ -371,7 +293,7 @@ class Worker:
             self._forget_rows([r.seq_id for r in failed])
             self._fail(failed, "the model failed during generation")
             return
-        deliveries: list[tuple[_Request, _Item]] = []
+        deliveries: list[tuple[_Request, Item]] = []
         for seq_id, req in list(self._active.items()):
             if req.finished or req.cancelled:
                 continue
@@ -379,7 +301,7 @@ class Worker:
             if token is None:
                 logger.error("engine.step returned no token for request %d", seq_id)
                 req.finished = True
-                deliveries.append((req, _End(GenerationError("the model returned no token"))))
+                deliveries.append((req, End(GenerationError("the model returned no token"))))
                 continue
             self._on_token(req, token, deliveries)
         self._deliver(deliveries)
@@ -410,94 +332,56 @@ class Worker:
                 self._busy_s += time.monotonic() - self._busy_since
                 self._busy_since = None
 
-    # ------------------------------------------------------------------ tokens → text
-
-    def _on_token(self, req: _Request, token: int, out: list[tuple[_Request, _Item]]) -> None:
+    def _on_token(self, req: _Request, token: int, out: list[tuple[_Request, Item]]) -> None:
         """Account one new token of `req`; appends what its consumer should get to `out`."""
         with self._cond:
             self._tokens += 1
         if req.cancelled:
             return
-        req.generated.append(token)
+        req.generated += 1
         if token in self._eos:
-            self._finish(req, out, "stop")
+            self._finish(req, "stop", out)
             return
-        req.ids.append(token)
-        piece = self._detokenize(req)
-        if piece and self._emit(req, piece, out):
-            return  # a stop string ended it
-        if (
-            len(req.generated) >= req.params.max_new_tokens
-            or len(req.prompt) + len(req.generated) >= self.context_length
-        ):
-            self._finish(req, out, "length")
+        piece = req.text.push(token)
+        self._send_text(req, piece.text, out)
+        if piece.stopped:
+            self._end(req, "stop", out)
+        elif req.generated >= req.params.max_new_tokens or len(req.prompt) + req.generated >= self.context_length:
+            self._finish(req, "length", out)
 
-    def _detokenize(self, req: _Request) -> str:
-        """The new text the last token completes (prefix/read-offset technique)."""
-        decode = self._engine.decode
-        prefix = decode(req.ids[req.prefix_offset : req.read_offset])
-        text = decode(req.ids[req.prefix_offset :])
-        if len(text) > len(prefix) and not text.endswith(_REPLACEMENT):
-            req.prefix_offset = req.read_offset
-            req.read_offset = len(req.ids)
-            return text[len(prefix) :]
-        return ""
+    def _finish(self, req: _Request, reason: FinishReason, out: list[tuple[_Request, Item]]) -> None:
+        """End the reply with the text still held back (a stop string in it makes the reason "stop")."""
+        rest = req.text.flush()
+        self._send_text(req, rest.text, out)
+        self._end(req, "stop" if rest.stopped else reason, out)
 
-    def _emit(self, req: _Request, piece: str, out: list[tuple[_Request, _Item]]) -> bool:
-        """Send `piece` minus anything that may start a stop string; True if a stop string ended it."""
-        held = req.held + piece
-        cut = min((i for i in (held.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            req.held = ""
-            if cut:
-                out.append((req, _Text(held[:cut], len(req.generated))))
-            req.finished = True
-            out.append((req, _End(finish_reason="stop", tokens=len(req.generated))))
-            return True
-        keep = _stop_prefix_len(held, self._stops)
-        ready = held[: len(held) - keep]
-        req.held = held[len(held) - keep :]
-        if ready:
-            out.append((req, _Text(ready, len(req.generated))))
-        return False
+    @staticmethod
+    def _send_text(req: _Request, text: str, out: list[tuple[_Request, Item]]) -> None:
+        if text:
+            out.append((req, Text(text, req.generated)))
 
-    def _finish(self, req: _Request, out: list[tuple[_Request, _Item]], reason: FinishReason) -> None:
-        # Text still undecoded (an incomplete character at a length limit) is dropped.
-        tail = self._engine.decode(req.ids[req.prefix_offset :])
-        prefix = self._engine.decode(req.ids[req.prefix_offset : req.read_offset])
-        rest = tail[len(prefix) :].rstrip(_REPLACEMENT) if len(tail) > len(prefix) else ""
-        if not (rest and self._emit(req, rest, out)):
-            if req.held:
-                out.append((req, _Text(req.held, len(req.generated))))
-                req.held = ""
-            req.finished = True
-            out.append((req, _End(finish_reason=reason, tokens=len(req.generated))))
+    @staticmethod
+    def _end(req: _Request, reason: FinishReason, out: list[tuple[_Request, Item]]) -> None:
+        req.finished = True
+        out.append((req, End(finish_reason=reason, tokens=req.generated)))
 
     # ------------------------------------------------------------------ delivery
 
-    def _deliver(self, deliveries: list[tuple[_Request, _Item]]) -> None:
-        """Hand a step's output to the event loop(s): one callback per loop."""
-        if not deliveries:
-            return
-        if any(isinstance(item, _End) for _, item in deliveries):
+    def _deliver(self, deliveries: list[tuple[_Request, Item]]) -> None:
+        """Hand a step's output to the event loop(s)."""
+        ended = [req for req, item in deliveries if isinstance(item, End)]
+        if ended:
             self._set_active_count()
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Channel, _Item]]] = {}
-        for req, item in deliveries:
-            if isinstance(item, _End):
-                with self._cond:
-                    self._live.discard(req)
-            by_loop.setdefault(req.channel.loop, []).append((req.channel, item))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_dispatch, items)
-            except RuntimeError:
-                logger.debug("event loop closed; dropped %d stream item(s)", len(items))
+            with self._cond:
+                self._live.difference_update(ended)
+        if deliveries:
+            send([(req.channel, item) for req, item in deliveries])
 
     def _fail(self, reqs: list[_Request], detail: str) -> None:
         # One exception object per stream: each consumer's traceback is its own.
         for req in reqs:
             req.finished = True
-        self._deliver([(r, _End(GenerationError(detail))) for r in reqs])
+        self._deliver([(r, End(GenerationError(detail))) for r in reqs])
 
     def _die(self, exc: BaseException) -> None:
         """The thread is going down unexpectedly: no stream may hang."""
@@ -513,34 +397,4 @@ class Worker:
             rows = list(self._active)
             self._active.clear()
             self._forget_rows(rows)
-        with self._cond:
-            self._n_active = 0
-            if self._busy_since is not None:
-                self._busy_s += time.monotonic() - self._busy_since
-                self._busy_since = None
-
-
-def _dispatch(items: list[tuple[_Channel, _Item]]) -> None:
-    for channel, item in items:
-        channel.put(item)
-
-
-def _deliver_from_loop(loop: asyncio.AbstractEventLoop, channel: _Channel, item: _Item) -> None:
-    if channel.loop is loop:
-        channel.put(item)
-    else:
-        try:
-            channel.loop.call_soon_threadsafe(channel.put, item)
-        except RuntimeError:
-            pass  # that loop is closed; nobody is waiting
-
-
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that begins some stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
+        self._set_active_count()

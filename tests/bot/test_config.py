@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import SESSION_SETTINGS, Settings, load_settings
+from bot.chat.session import SESSION_SETTINGS
+from bot.config import Settings, load_settings
 from bot.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +58,9 @@ def test_admin_ids_are_parsed_from_a_comma_separated_list(monkeypatch: pytest.Mo
         ("DATABASE_URL", "not a url"),
         ("TELEGRAM_API_BASE", "ftp://x"),
         ("MODEL_DTYPE", "float8"),
+        ("MAX_BATCH_SIZE", "0"),
+        ("QUEUE_SIZE", "0"),
+        ("MODEL_CONTEXT_TOKENS", "1"),
     ],
 )
 def test_bad_settings_stop_with_one_error_naming_the_setting(

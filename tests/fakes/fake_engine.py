@@ -14,13 +14,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from bot.events import ChatTurn, Role
 from bot.ports import SamplingParams
-
-if TYPE_CHECKING:
-    from bot.model.scheduler import Worker
 
 SPECIAL_BASE = 0x110000
 EOS = SPECIAL_BASE
@@ -246,13 +242,3 @@ class FakeEngine:
             for seq_id in seq_ids:
                 if self._seqs.pop(seq_id, None) is not None:
                     self.removed_at_step[seq_id] = self.steps
-
-
-def make_fake_worker(
-    *, max_batch_size: int = 8, queue_size: int = 64, **engine_kwargs: object
-) -> tuple[Worker, FakeEngine]:
-    """A (not yet started) `Worker` over a `FakeEngine`; use it as ``async with worker:``."""
-    from bot.model.scheduler import Worker
-
-    engine = FakeEngine(**engine_kwargs)  # type: ignore[arg-type]
-    return Worker(engine, max_batch_size=max_batch_size, queue_size=queue_size), engine

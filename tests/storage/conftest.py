@@ -1,16 +1,25 @@
-"""Storage fixtures: a real SQLite file per test."""
+"""Storage fixtures: a real SQLite file per test, the conversations the tests write to,
+and a way to see the SQL a test sends."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.events import ConversationKey
 from storage.database import open_database
 from storage.repository import SqlRepository
+
+ALICE = ConversationKey("telegram", "chat-1", "alice")
+BOB = ConversationKey("telegram", "chat-1", "bob")
+ALICE_ELSEWHERE = ConversationKey("telegram", "chat-2", "alice")
+SAME_IDS_ON_DISCORD = ConversationKey("discord", "chat-1", "alice")
 
 
 @pytest.fixture
@@ -23,7 +32,7 @@ def db_url(db_path: Path) -> str:
     return f"sqlite+aiosqlite:///{db_path}"
 
 
-# The engine's connections belong to the loop that opened them: the test's own loop.
+# The database engine's connections belong to the loop that opened them: the test's own loop.
 @pytest_asyncio.fixture(loop_scope="function")
 async def db_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     async with open_database(db_url) as engine:
@@ -35,3 +44,14 @@ async def repo(db_engine: AsyncEngine) -> AsyncIterator[SqlRepository]:
     repository = SqlRepository.from_engine(db_engine)
     yield repository
     await repository.close()  # before the engine is disposed
+
+
+def captured_sql(engine: AsyncEngine) -> list[tuple[str, Any]]:
+    """Every statement the engine sends from now on, with its parameters."""
+    seen: list[tuple[str, Any]] = []
+
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        seen.append((statement, parameters))
+
+    return seen

@@ -1,9 +1,11 @@
-"""Engine set-up: pragmas, directories, tables, and every bad DATABASE_URL."""
+"""Opening the database: pragmas, directories, tables, and every bad DATABASE_URL."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,16 @@ async def test_database_path_that_is_a_directory_raises_config_error(tmp_path: P
             pass
     assert info.value.setting == "DATABASE_URL"
     assert "unable to open database file" in info.value.problem
+    await _aiosqlite_threads_ended()
+
+
+async def _aiosqlite_threads_ended() -> None:
+    """aiosqlite (0.22) stops the thread of a connection that failed to open without
+    waiting for it; if this test's loop closed first, the thread would report "Event
+    loop is closed" during a later test."""
+    for thread in threading.enumerate():
+        if thread.name.endswith("(_connection_worker_thread)"):
+            await asyncio.to_thread(thread.join, 5)
 
 
 async def test_in_memory_database_works() -> None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, event, func, insert, select, text
+from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.errors import StorageError
@@ -18,11 +16,7 @@ from bot.ports import Repository, RepoStats
 from storage.database import open_database
 from storage.models import Conversation, Message
 from storage.repository import SqlRepository
-
-ALICE = ConversationKey("telegram", "chat-1", "alice")
-BOB = ConversationKey("telegram", "chat-1", "bob")
-ALICE_ELSEWHERE = ConversationKey("telegram", "chat-2", "alice")
-SAME_IDS_ON_DISCORD = ConversationKey("discord", "chat-1", "alice")
+from tests.storage.conftest import ALICE, ALICE_ELSEWHERE, BOB, SAME_IDS_ON_DISCORD, captured_sql
 
 
 def test_sql_repository_satisfies_the_repository_protocol(repo: SqlRepository) -> None:
@@ -58,6 +52,8 @@ async def test_recent_messages_are_the_newest_n_oldest_first(repo: SqlRepository
 async def test_non_positive_limit_returns_nothing(repo: SqlRepository, limit: int) -> None:
     await repo.add_message(ALICE, "user", "hi", 1)
     assert await repo.recent_messages(ALICE, limit) == []
+    assert await repo.add_and_recent(ALICE, "user", "stored, nothing read", 1, None, limit) == []
+    assert len(await repo.recent_messages(ALICE, 10)) == 2
 
 
 async def test_unknown_conversation_has_no_messages_and_no_settings(repo: SqlRepository) -> None:
@@ -238,118 +234,6 @@ async def test_database_failures_raise_storage_error(repo: SqlRepository, db_eng
         await repo.add_message(ALICE, "user", "q", 1)
 
 
-async def test_a_cancelled_append_already_being_written_is_committed_before_cancelled_error(
-    repo: SqlRepository, db_path: Path
-) -> None:
-    await repo.add_message(ALICE, "user", "first", 1)
-    blocker = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
-        task = asyncio.create_task(repo.add_message(ALICE, "user", "blocked", 1), name="blocked-add")
-        await asyncio.sleep(0.2)
-        task.cancel()
-        await asyncio.sleep(0.1)
-        assert not task.done()  # the caller waits for the write it started
-        blocker.execute("ROLLBACK")
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    finally:
-        blocker.close()
-    # Committed by the time the caller saw CancelledError: a /reset that runs next
-    # can never have the message land after it.
-    assert [m.content for m in await repo.recent_messages(ALICE, 10)] == ["first", "blocked"]
-
-
-async def test_a_cancelled_append_still_waiting_its_turn_is_never_written(repo: SqlRepository, db_path: Path) -> None:
-    blocker = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        blocker.execute("BEGIN IMMEDIATE")
-        writing = asyncio.create_task(repo.add_message(ALICE, "user", "being written", 1))
-        await asyncio.sleep(0.1)
-        waiting = asyncio.create_task(repo.add_message(BOB, "user", "waiting", 1))
-        await asyncio.sleep(0.1)
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting  # at once: nothing of it was started
-        assert not writing.done()
-        blocker.execute("ROLLBACK")
-        await writing
-    finally:
-        blocker.close()
-    assert [m.content for m in await repo.recent_messages(ALICE, 10)] == ["being written"]
-    assert await repo.recent_messages(BOB, 10) == []
-
-
-# --------------------------------------------------------------------------- group commit
-
-
-def _commits(engine: AsyncEngine) -> list[int]:
-    """Grows by one for every committed transaction from now on."""
-    seen: list[int] = []
-
-    @event.listens_for(engine.sync_engine, "commit")
-    def count(_conn: Any) -> None:
-        seen.append(1)
-
-    return seen
-
-
-async def test_appends_arriving_together_share_one_transaction_and_statement(
-    repo: SqlRepository, db_engine: AsyncEngine
-) -> None:
-    keys = [ConversationKey("telegram", "group", f"user{i}") for i in range(30)]
-    for key in keys:
-        await repo.add_message(key, "user", f"{key.user_id} earlier", 1)
-    seen = _captured_sql(db_engine)
-    commits = _commits(db_engine)
-
-    histories = await asyncio.gather(
-        *(repo.add_and_recent(key, "user", f"{key.user_id} now", 2, f"p{i}", 5) for i, key in enumerate(keys))
-    )
-
-    for i, (key, history) in enumerate(zip(keys, histories, strict=True)):
-        assert [m.content for m in history] == [f"{key.user_id} earlier", f"{key.user_id} now"]
-        assert history[-1].platform_message_id == f"p{i}" and history[-1].token_count == 2
-        assert history[0].id < history[1].id
-    inserts = [sql for sql, _ in seen if sql.lstrip().upper().startswith("INSERT")]
-    selects = [sql for sql, _ in seen if sql.lstrip().upper().startswith("SELECT")]
-    # All 30 were queued before the writer ran: one transaction, one INSERT, one SELECT.
-    assert (len(commits), len(inserts), len(selects)) == (1, 1, 1)
-
-
-async def test_appends_to_one_conversation_are_written_in_order_each_seeing_only_its_past(
-    repo: SqlRepository,
-) -> None:
-    histories = await asyncio.gather(*(repo.add_and_recent(ALICE, "user", f"m{i}", 1, None, 10) for i in range(6)))
-    for i, history in enumerate(histories):
-        assert [m.content for m in history] == [f"m{j}" for j in range(i + 1)]
-    assert [m.content for m in await repo.recent_messages(ALICE, 10)] == [f"m{i}" for i in range(6)]
-
-
-async def test_one_unstorable_append_fails_alone_in_a_group_commit(repo: SqlRepository) -> None:
-    keys = [ConversationKey("telegram", "group", f"user{i}") for i in range(6)]
-    texts = ["fine", "also fine", "bad \ud800 surrogate", "fine too", "and this", "last"]
-    results = await asyncio.gather(
-        *(repo.add_message(key, "user", content, 1) for key, content in zip(keys, texts, strict=True)),
-        return_exceptions=True,
-    )
-    assert isinstance(results[2], StorageError)
-    for key, content, result in zip(keys, texts, results, strict=True):
-        if content.startswith("bad"):
-            assert await repo.recent_messages(key, 5) == []
-        else:
-            assert not isinstance(result, BaseException)
-            assert [m.content for m in await repo.recent_messages(key, 5)] == [content]
-
-
-async def test_close_waits_for_appends_in_progress(repo: SqlRepository) -> None:
-    tasks = [asyncio.create_task(repo.add_message(ALICE, "user", f"m{i}", 1)) for i in range(5)]
-    await asyncio.sleep(0)
-    await repo.close()
-    assert all(t.done() for t in tasks)
-    assert len(await repo.recent_messages(ALICE, 10)) == 5
-
-
 # --------------------------------------------------------------------------- scale
 
 
@@ -387,24 +271,13 @@ async def _query_plans(engine: AsyncEngine, statements: list[tuple[str, Any]]) -
         ]
 
 
-def _captured_sql(engine: AsyncEngine) -> list[tuple[str, Any]]:
-    """Every statement the engine sends from now on, with its parameters."""
-    seen: list[tuple[str, Any]] = []
-
-    @event.listens_for(engine.sync_engine, "before_cursor_execute")
-    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        seen.append((statement, parameters))
-
-    return seen
-
-
 async def test_recent_messages_walks_the_index_even_with_100k_messages(
     repo: SqlRepository, db_engine: AsyncEngine
 ) -> None:
     await _bulk_insert(db_engine, ALICE, 100_000)
     for i in range(10):
         await repo.add_message(BOB, "user", f"bob {i}", 1)
-    seen = _captured_sql(db_engine)
+    seen = captured_sql(db_engine)
 
     newest = await repo.recent_messages(ALICE, 10)
 
@@ -425,7 +298,7 @@ async def test_reading_back_a_group_commit_walks_the_index_per_conversation(
     await repo.add_message(BOB, "user", "bob 0", 1)
     await repo.add_message(ALICE, "user", "warm the id cache", 1)
     blocker = asyncio.create_task(repo.add_message(ALICE_ELSEWHERE, "user", "first", 1))
-    seen = _captured_sql(db_engine)
+    seen = captured_sql(db_engine)
 
     alice, bob = await asyncio.gather(
         repo.add_and_recent(ALICE, "user", "a", 1, None, 3), repo.add_and_recent(BOB, "user", "b", 1, None, 3)
@@ -443,7 +316,7 @@ async def test_reading_back_a_group_commit_walks_the_index_per_conversation(
 
 async def test_clear_chat_finds_its_rows_through_indexes(repo: SqlRepository, db_engine: AsyncEngine) -> None:
     await repo.add_message(ALICE, "user", "q", 1)
-    seen = _captured_sql(db_engine)
+    seen = captured_sql(db_engine)
 
     await repo.clear_chat("telegram", "chat-1")
 

@@ -1,7 +1,9 @@
-"""Hugging Face transformers on torch: loading, the KV cache, chat templates, batched
-decoding. The only package that imports torch and transformers; import it only to run
-the local model."""
+"""Hugging Face transformers on torch: loading (`loader`), the KV cache (`kv_cache`),
+chat templates (`chat_template`), sampling (`sampler`) and batched decoding (`runner`).
+The only package that imports torch and transformers; import it only to run the local
+model."""
 
-from bot.model.hf.engine import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, HFEngine, default_model_file, load_engine
+from bot.model.hf.loader import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, default_model_file, load_engine
+from bot.model.hf.runner import HFEngine
 
 __all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "HFEngine", "default_model_file", "load_engine"]

@@ -17,7 +17,8 @@ from adapters.discord.adapter import DiscordAdapter
 from bot.chat.commands import COMMANDS
 from bot.config import Settings
 from bot.ports import IncomingHandler
-from tests.fakes.discord.server import MANAGE_GUILD, FakeChannel, FakeDiscordServer, FakeGuild, FakeUser, Json
+from tests.fakes.discord.server import FakeDiscordServer
+from tests.fakes.discord.world import MANAGE_GUILD, FakeChannel, FakeGuild, FakeUser, Json
 from tests.fakes.echo_handler import EchoHandler as BaseEchoHandler
 
 
@@ -92,7 +93,7 @@ async def running_adapter(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        client = adapter.client
+        client = adapter._client  # run() let go of the client
         assert client is None
 
 
@@ -112,6 +113,14 @@ class EchoHandler(BaseEchoHandler):
 
     def __init__(self, reply_for: Callable[[str], str] | None = None, piece_delay: float = 0.002) -> None:
         super().__init__(reply_for, piece_delay, check_admin=True, typing=True)
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def echo(server: FakeDiscordServer, world: World) -> AsyncIterator[EchoHandler]:
+    """An `EchoHandler` that the adapter serves, connected, until the test ends."""
+    handler = EchoHandler()
+    async with running_adapter(server, handler):
+        yield handler
 
 
 def created_in(server: FakeDiscordServer, channel: FakeChannel) -> list[Json]:

@@ -1,5 +1,5 @@
 """The pure edge: real `discord.Message` objects (built by discord.py from the fake's
-payloads, no connection) converted by `to_event`, and the attachment rules."""
+payloads, no connection) converted by `to_event`, and the mention stripped."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import pytest
 from discord.state import ConnectionState
 from discord.user import ClientUser
 
-from adapters.discord.adapter import is_text_attachment, make_intents, strip_mention, to_event
-from tests.fakes.discord.server import FakeAttachment, FakeChannel, FakeDiscordServer, FakeUser, Json
+from adapters.discord.adapter import make_intents
+from adapters.discord.events import strip_mention, to_event
+from tests.fakes.discord.world import FakeAttachment, FakeChannel, FakeUser, FakeWorld, Json
 
 
 class Offline:
     """discord.py's own state and model classes, fed payloads by hand."""
 
     def __init__(self) -> None:
-        self.fake = FakeDiscordServer()  # never started: only its payload builders are used
+        self.fake = FakeWorld()  # no server: only its payload builders are used
         self.guild = self.fake.add_guild("Wonderland")
         self.general = self.fake.add_text_channel(self.guild, "general")
         self.thread = self.fake.add_thread(self.general, "ideas")
@@ -159,24 +160,3 @@ def test_strip_mention_handles_both_forms_and_keeps_other_text() -> None:
     assert strip_mention(f"a <@{bot}> b <@{bot}>", bot) == "a b"
     assert strip_mention("line one\n\n  indented code", bot) == "line one\n\n  indented code"
     assert strip_mention(f"<@{bot + 1}> not me", bot) == f"<@{bot + 1}> not me"
-
-
-@pytest.mark.parametrize(
-    ("filename", "content_type", "expected"),
-    [
-        ("notes.txt", "text/plain; charset=utf-8", True),
-        ("README.md", None, True),
-        ("script.py", "text/x-python", True),
-        ("data.json", "application/json", True),
-        ("table.csv", None, True),
-        ("mystery", "text/plain", True),
-        ("Dockerfile", None, True),
-        ("photo.png", "image/png", False),
-        ("archive.zip", "application/zip", False),
-        ("clip.mp4", None, False),
-    ],
-)
-def test_text_attachments_are_recognised_by_type_or_extension(
-    filename: str, content_type: str | None, expected: bool
-) -> None:
-    assert is_text_attachment(filename, content_type) is expected

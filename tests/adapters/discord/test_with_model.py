@@ -7,9 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from bot.chat.conversation import ConversationManager
 from bot.events import ConversationKey
-from bot.model.scheduler import Worker
 from tests.adapters.discord.conftest import RunAdapter, World, assert_pings_no_one
 from tests.conftest import Harness
 from tests.fakes.discord.server import FakeDiscordServer
@@ -22,11 +20,9 @@ if TYPE_CHECKING:
 async def test_default_model_answers_a_mention_in_a_server_channel(
     server: FakeDiscordServer, world: World, run_adapter: RunAdapter, harness: Harness, default_engine: HFEngine
 ) -> None:
-    settings = harness.settings(max_new_tokens=24, temperature=0.0)
     async with (
-        Worker(default_engine) as worker,
-        ConversationManager(settings, harness.repo, worker) as manager,
-        run_adapter(manager, discord_edit_interval=0.2) as adapter,
+        harness.core(default_engine, max_new_tokens=24, temperature=0.0) as core,
+        run_adapter(core.manager, discord_edit_interval=0.2) as adapter,
     ):
         await server.user_sends(world.general, world.alice, f"{server.bot.mention} What is the capital of France?")
         await server.wait_for(lambda: bool(server.bot_texts(world.general)), timeout=120)

@@ -1,12 +1,13 @@
 """Fixtures for the Telegram adapter: the fake Bot API server and a running adapter.
 
 The adapter under test is the real one, on the real python-telegram-bot, talking HTTP
-to `tests.fakes.telegram_server.FakeTelegramServer` on 127.0.0.1.
+to `tests.fakes.telegram.FakeTelegramServer` on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -14,21 +15,28 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from adapters.telegram.adapter import RetryPolicy, TelegramAdapter
+from adapters.telegram.adapter import TelegramAdapter
+from adapters.telegram.rate_limiter import RetryPolicy
 from bot.chat.commands import COMMANDS
 from bot.config import Settings
 from bot.ports import CommandInfo, IncomingHandler
 from tests.fakes.echo_handler import EchoHandler as BaseEchoHandler
-from tests.fakes.telegram_server import Chat, FakeTelegramServer, User
-
-ALICE = User(1001, "Alice", "alice", last_name="Liddell")
-BOB = User(1002, "Bob", "bob")
-CAROL = User(1003, "Carol", "carol")
-GROUP = Chat.group(-4_000_001, "Tea party")
-SUPERGROUP = Chat.supergroup(-1_000_000_000_001, "Wonderland")
+from tests.fakes.telegram import Chat, FakeTelegramServer
 
 # Short waits so failure tests finish fast; the policy's logic is what is tested.
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.02, max_delay=0.1, flood_attempts=3, max_flood_wait=5.0)
+
+
+def replied(server: FakeTelegramServer, chat: Chat, count: int = 1) -> bool:
+    """Whether the bot has sent at least `count` messages in `chat`."""
+    return len(server.bot_messages(chat.id)) >= count
+
+
+def free_port() -> int:
+    """A local port nothing listens on (once this returns)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def telegram_settings(server: FakeTelegramServer, **overrides: Any) -> Settings:

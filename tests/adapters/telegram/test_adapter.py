@@ -1,44 +1,24 @@
-"""The Telegram adapter on the real python-telegram-bot against the fake Bot API server,
-with a test-local handler that streams ``"Echo: <text>"`` through the real target."""
+"""The Telegram adapter's lifecycle on the real python-telegram-bot against the fake Bot
+API server: start-up, updates to events, the command menu, the token, shutdown, webhooks.
+A test-local handler streams ``"Echo: <text>"`` through the real target."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 
 import aiohttp
 import pytest
 
-from adapters.telegram.adapter import NON_TEXT_REPLY, TelegramAdapter
+from adapters.telegram.adapter import NON_TEXT_REPLY, TelegramAdapter, menu_commands
 from bot.chat.commands import COMMANDS
-from bot.errors import ConfigError, DeliveryError
+from bot.errors import ConfigError
 from bot.events import IncomingMessage
 from bot.ports import CommandInfo, ReplyTarget
-from tests.adapters.telegram.conftest import (
-    ALICE,
-    BOB,
-    CAROL,
-    FAST_RETRY,
-    GROUP,
-    SUPERGROUP,
-    EchoHandler,
-    RunAdapter,
-    telegram_settings,
-)
-from tests.fakes.telegram_server import Chat, FakeTelegramServer, scope_key
-
-# PTB itself warns when it builds a RetryAfter (its int/timedelta migration), not our code.
-pytestmark = pytest.mark.filterwarnings("ignore:.*attribute `retry_after`:DeprecationWarning")
-
-PRIVATE_ALICE = Chat.private(ALICE)
-PRIVATE_BOB = Chat.private(BOB)
-
-
-def replied(server: FakeTelegramServer, chat: Chat, count: int = 1) -> bool:
-    return len(server.bot_messages(chat.id)) >= count
-
+from tests.adapters.telegram.chats import ALICE, BOB, CAROL, GROUP, PRIVATE_ALICE, PRIVATE_BOB, SUPERGROUP
+from tests.adapters.telegram.conftest import FAST_RETRY, EchoHandler, RunAdapter, free_port, replied, telegram_settings
+from tests.fakes.telegram import Chat, FakeTelegramServer, scope_key
 
 # --------------------------------------------------------------------------- private chats
 
@@ -167,27 +147,21 @@ async def test_commands_for_this_bot_are_handled_and_for_another_bot_ignored(
     assert sorted(handler.texts()) == ["/config set temperature 0.5", "/reset", "/stats"]
 
 
-# --------------------------------------------------------------------------- long replies
-
-
-async def test_a_reply_longer_than_4096_chars_continues_in_new_messages(
-    server: FakeTelegramServer, run_adapter: RunAdapter
-) -> None:
-    paragraph = " ".join(["lorem ipsum dolor sit amet"] * 30)  # 809 chars
-    long_reply = "\n\n".join([paragraph] * 12)  # ~9.7k chars
-    handler = EchoHandler(reply_for=lambda _text: long_reply, piece_delay=0.0)
-    async with run_adapter(handler, telegram_edit_interval=0.02):
-        server.user_sends(PRIVATE_ALICE, ALICE, "write a lot")
-        await server.wait_for(lambda: handler.finished == ["write a lot"], timeout=15)
-    texts = server.bot_texts(ALICE.id)
-    assert len(texts) == 3
-    assert all(len(t) <= 4096 for t in texts)
-    assert "\n\n".join(texts) == long_reply  # cut at paragraph boundaries, nothing lost
-    rejected = [c for c in server.calls if c.status == 400]
-    assert not rejected, "the fake server refused a message as too long"
-
-
 # --------------------------------------------------------------------------- start-up
+
+
+def test_menu_keeps_valid_names_and_gives_admin_commands_to_admins_only() -> None:
+    everyone, admins = menu_commands(
+        [
+            CommandInfo("help", "List the commands", admin_only=False),
+            CommandInfo("stats", "Usage statistics", admin_only=True),
+            CommandInfo("Bad-Name", "invalid for Telegram", admin_only=False),
+            CommandInfo("x" * 33, "too long a name", admin_only=False),
+            CommandInfo("blank", "   ", admin_only=False),
+        ]
+    )
+    assert [(c.command, c.description) for c in everyone] == [("help", "List the commands"), ("blank", "blank")]
+    assert [c.command for c in admins] == ["help", "stats", "blank"]
 
 
 async def test_command_menu_is_registered_at_start_up(server: FakeTelegramServer, run_adapter: RunAdapter) -> None:
@@ -251,52 +225,13 @@ async def test_a_token_revoked_while_running_stops_the_adapter_with_a_config_err
 
 
 async def test_an_unreachable_api_is_a_config_error_after_retries() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens there once closed
+    port = free_port()
     async with FakeTelegramServer() as server:
         settings = telegram_settings(server, telegram_api_base=f"http://127.0.0.1:{port}")
     adapter = TelegramAdapter(settings, COMMANDS, retry=FAST_RETRY)
     with pytest.raises(ConfigError) as caught:
         await asyncio.wait_for(adapter.run(EchoHandler()), timeout=10)
     assert caught.value.setting == "TELEGRAM_API_BASE"
-
-
-async def test_the_bot_api_is_reached_through_the_proxy_the_environment_names(
-    server: FakeTelegramServer, run_adapter: RunAdapter, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    # The fake server plays the proxy: the API host itself does not even resolve.
-    monkeypatch.setenv("HTTP_PROXY", server.api_base)
-    async with run_adapter(EchoHandler(), telegram_api_base="http://api.telegram.invalid"):
-        server.user_sends(PRIVATE_ALICE, ALICE, "via the proxy")
-        await server.wait_for(lambda: server.bot_texts(ALICE.id) == ["Echo: via the proxy"])
-
-
-def test_no_proxy_hosts_bypass_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    from adapters.telegram.adapter import AiohttpRequest
-
-    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", "http://bot:s3cret@proxy.example:3128")
-    monkeypatch.setenv("NO_PROXY", "localhost,.internal")
-
-    async def proxies() -> list[tuple[str, dict[str, str]] | None]:
-        request = AiohttpRequest()
-        await request.initialize()
-        try:
-            return [
-                request.proxy_for("https://api.telegram.org/bot/getMe"),
-                request.proxy_for("https://bots.internal/bot/getMe"),
-                request.proxy_for("http://localhost:8081/bot/getMe"),
-                request.proxy_for("http://api.telegram.org/bot/getMe"),
-            ]
-        finally:
-            await request.shutdown()
-
-    credentials = {"Proxy-Authorization": "Basic Ym90OnMzY3JldA=="}  # bot:s3cret, not in the URL
-    assert asyncio.run(proxies()) == [("http://proxy.example:3128", credentials), None, None, None]
 
 
 async def test_the_token_never_reaches_the_logs(
@@ -310,201 +245,6 @@ async def test_the_token_never_reaches_the_logs(
     # PTB logs its API URL at DEBUG: it is there, without the token.
     assert f"Set Bot API URL: {server.api_base}/bot<TELEGRAM_TOKEN>" in messages
     assert not [m for m in messages if server.token in m]
-
-
-# --------------------------------------------------------------------------- platform errors
-
-
-async def test_flood_control_is_honoured_before_retrying(server: FakeTelegramServer, run_adapter: RunAdapter) -> None:
-    server.fail_next("sendMessage", status=429, retry_after=1)
-    async with run_adapter(EchoHandler()):
-        server.user_sends(PRIVATE_ALICE, ALICE, "hurry")
-        await server.wait_for(lambda: server.bot_texts(ALICE.id) == ["Echo: hurry"], timeout=10)
-    first, second = server.calls_to("sendMessage")
-    assert (first.status, second.status) == (429, 200)
-    assert second.at - first.done_at >= 1.0
-
-
-async def test_server_errors_are_retried(server: FakeTelegramServer, run_adapter: RunAdapter) -> None:
-    server.fail_next("sendMessage", status=500, times=2)
-    server.fail_next("editMessageText", status=502)
-    async with run_adapter(EchoHandler()):
-        server.user_sends(PRIVATE_ALICE, ALICE, "are you ok")
-        await server.wait_for(lambda: server.bot_texts(ALICE.id) == ["Echo: are you ok"])
-    assert [c.status for c in server.calls_to("sendMessage")] == [500, 500, 200]
-    assert server.calls_to("editMessageText")[0].status == 502
-    assert len(server.bot_messages(ALICE.id)) == 1
-
-
-async def test_a_request_that_times_out_is_retried(server: FakeTelegramServer, run_adapter: RunAdapter) -> None:
-    server.delay_next("editMessageText", 1.5)
-    async with run_adapter(EchoHandler(), request_timeout=0.3):
-        server.user_sends(PRIVATE_ALICE, ALICE, "slow network")
-        await server.wait_for(lambda: server.bot_texts(ALICE.id) == ["Echo: slow network"])
-        await server.wait_for(lambda: all(c.status for c in server.calls_to("editMessageText")))
-    edits = server.calls_to("editMessageText")
-    first_retry = next(c for c in edits[1:] if c.at > edits[0].at)
-    assert first_retry.at - edits[0].at >= 0.3  # the client gave up on the slow answer first
-    assert len(server.bot_messages(ALICE.id)) == 1
-
-
-async def test_errors_that_do_not_go_away_become_a_delivery_error(
-    server: FakeTelegramServer, run_adapter: RunAdapter
-) -> None:
-    server.fail_next("sendMessage", status=500, times=100)
-    handler = EchoHandler()
-    async with run_adapter(handler):
-        server.user_sends(PRIVATE_ALICE, ALICE, "hello?")
-        await server.wait_for(lambda: bool(handler.errors))
-    assert isinstance(handler.errors[0], DeliveryError)
-    assert len(server.calls_to("sendMessage")) == 1 + FAST_RETRY.attempts
-
-
-async def test_a_group_upgraded_to_a_supergroup_mid_reply_gets_the_reply_there_and_its_chat_moved(
-    server: FakeTelegramServer, run_adapter: RunAdapter
-) -> None:
-    upgraded = Chat.supergroup(-1_000_000_000_777, "Tea party, upgraded")
-    handler = EchoHandler()
-    handler.gates["hello"] = asyncio.Event()
-    async with run_adapter(handler):
-        server.user_sends(GROUP, ALICE, "@LlmTestBot hello")
-        await asyncio.wait_for(handler.started.setdefault("hello", asyncio.Event()).wait(), timeout=5)
-        server.upgrade(GROUP, upgraded, by=ALICE)
-        await server.wait_for(lambda: len(handler.moves) == 2)
-        handler.gates["hello"].set()
-        await server.wait_for(lambda: server.bot_texts(upgraded.id) == ["Echo: hello"])
-
-    # Both service messages name the same move; the repository makes the second a no-op.
-    assert handler.moves == [("telegram", str(GROUP.id), str(upgraded.id))] * 2
-    assert server.bot_messages(GROUP.id) == [] and not handler.errors
-
-
-async def test_a_blocked_chat_raises_delivery_error_and_other_chats_are_still_served(
-    server: FakeTelegramServer, run_adapter: RunAdapter, caplog: pytest.LogCaptureFixture
-) -> None:
-    server.block(ALICE.id)
-    handler = EchoHandler()
-    async with run_adapter(handler):
-        server.user_sends(PRIVATE_ALICE, ALICE, "you there?")
-        await server.wait_for(lambda: bool(handler.errors))
-        server.user_sends(PRIVATE_BOB, BOB, "hello")
-        await server.wait_for(lambda: server.bot_texts(BOB.id) == ["Echo: hello"])
-    (error,) = handler.errors
-    assert isinstance(error, DeliveryError) and "blocked" in str(error)
-    assert [c.status for c in server.calls_to("sendMessage") if c.params["chat_id"] == ALICE.id] == [403]
-    assert any("not delivered" in r.getMessage() for r in caplog.records)
-
-
-async def test_edits_of_unchanged_text_are_ignored_and_of_deleted_messages_fail(
-    server: FakeTelegramServer, run_adapter: RunAdapter
-) -> None:
-    outcomes: list[str] = []
-
-    class Editor:
-        async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
-            message_id = await target.send("same")
-            await target.edit(message_id, "same")  # Telegram: 400 message is not modified
-            outcomes.append("unchanged edit ignored")
-            try:
-                await target.edit("999", "gone")
-            except DeliveryError as exc:
-                outcomes.append(str(exc))
-
-    async with run_adapter(Editor()):
-        server.user_sends(PRIVATE_ALICE, ALICE, "edit me")
-        await server.wait_for(lambda: len(outcomes) == 2)
-    assert outcomes == ["unchanged edit ignored", "editMessageText: Message to edit not found"]
-    assert [c.status for c in server.calls_to("editMessageText")] == [400, 400]  # not retried
-
-
-async def test_typing_sends_the_typing_chat_action_to_the_chat(
-    server: FakeTelegramServer, run_adapter: RunAdapter
-) -> None:
-    done = asyncio.Event()
-
-    class Typist:
-        async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
-            await target.typing()
-            done.set()
-
-    async with run_adapter(Typist()):
-        server.user_sends(SUPERGROUP, ALICE, "@LlmTestBot think")
-        await asyncio.wait_for(done.wait(), 5)
-    (call,) = server.calls_to("sendChatAction")
-    assert call.params == {"chat_id": SUPERGROUP.id, "action": "typing"}
-
-
-# --------------------------------------------------------------------------- chat admins
-
-
-async def test_chat_admin_status_comes_from_get_chat_member_and_is_cached(
-    server: FakeTelegramServer, run_adapter: RunAdapter
-) -> None:
-    server.set_member_status(GROUP.id, ALICE.id, "creator")
-    server.set_member_status(GROUP.id, BOB.id, "administrator")
-    answers: dict[str, list[bool]] = {}
-
-    class AdminCheck:
-        async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
-            answers[f"{event.chat_id}:{event.user_id}"] = [
-                await target.sender_is_chat_admin(),
-                await target.sender_is_chat_admin(),
-            ]
-
-    async with run_adapter(AdminCheck()):
-        for user in (ALICE, BOB, CAROL):
-            server.user_sends(GROUP, user, "/config set temperature 1")
-        server.user_sends(PRIVATE_ALICE, ALICE, "/config set temperature 1")
-        await server.wait_for(lambda: len(answers) == 4)
-    assert answers == {
-        f"{GROUP.id}:{ALICE.id}": [True, True],
-        f"{GROUP.id}:{BOB.id}": [True, True],
-        f"{GROUP.id}:{CAROL.id}": [False, False],
-        f"{ALICE.id}:{ALICE.id}": [False, False],  # private chats have no chat admins
-    }
-    asked = sorted(c.params["user_id"] for c in server.calls_to("getChatMember"))
-    assert asked == [ALICE.id, BOB.id, CAROL.id]  # once each: the second answer was cached
-
-
-async def test_an_anonymous_group_admin_counts_as_chat_admin(
-    server: FakeTelegramServer, run_adapter: RunAdapter
-) -> None:
-    answers: list[bool] = []
-
-    class AdminCheck:
-        async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
-            answers.append(await target.sender_is_chat_admin())
-
-    anonymous = {
-        "message_id": 1,
-        "date": int(time.time()),
-        "chat": SUPERGROUP.to_json(),
-        "from": {"id": 1087968824, "is_bot": True, "first_name": "Group", "username": "GroupAnonymousBot"},
-        "sender_chat": SUPERGROUP.to_json(),
-        "text": "/reset chat",
-        "entities": [{"type": "bot_command", "offset": 0, "length": 6}],
-    }
-    async with run_adapter(AdminCheck()):
-        server.inject("message", anonymous)
-        await server.wait_for(lambda: bool(answers))
-    assert answers == [True] and not server.calls_to("getChatMember")
-
-
-async def test_a_failed_admin_lookup_means_not_an_admin(server: FakeTelegramServer, run_adapter: RunAdapter) -> None:
-    server.set_member_status(GROUP.id, ALICE.id, "administrator")
-    server.fail_next("getChatMember", status=403, description="Forbidden: bot was kicked from the group chat")
-    answers: list[bool] = []
-
-    class AdminCheck:
-        async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
-            answers.append(await target.sender_is_chat_admin())
-
-    async with run_adapter(AdminCheck()):
-        server.user_sends(GROUP, ALICE, "/stats")
-        await server.wait_for(lambda: len(answers) == 1)
-        server.user_sends(GROUP, ALICE, "/stats")  # the failure was not cached
-        await server.wait_for(lambda: len(answers) == 2)
-    assert answers == [False, True]
 
 
 # --------------------------------------------------------------------------- other messages
@@ -592,16 +332,10 @@ async def test_shutdown_cancels_replies_that_outlive_the_grace_period(
 # --------------------------------------------------------------------------- webhook
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_webhook_mode_receives_updates_and_checks_the_secret(
     server: FakeTelegramServer, run_adapter: RunAdapter
 ) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/telegram/hook"
     handler = EchoHandler()
     async with run_adapter(
@@ -637,7 +371,7 @@ async def test_webhook_mode_receives_updates_and_checks_the_secret(
 async def test_webhook_without_a_configured_secret_still_uses_one(
     server: FakeTelegramServer, run_adapter: RunAdapter
 ) -> None:
-    port = _free_port()
+    port = free_port()
     async with run_adapter(
         EchoHandler(),
         telegram_webhook_url=f"http://127.0.0.1:{port}/hook",

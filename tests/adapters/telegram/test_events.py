@@ -8,9 +8,8 @@ from typing import Any
 import pytest
 from telegram import Message
 
-from adapters.telegram.adapter import is_unreadable_media, menu_commands, to_event
-from bot.ports import CommandInfo
-from tests.fakes.telegram_server import auto_entities
+from adapters.telegram.events import is_unreadable_media, to_event
+from tests.fakes.telegram import auto_entities
 
 BOT_ID = 7_000_001
 BOT = {"id": BOT_ID, "is_bot": True, "first_name": "LLM Test Bot", "username": "LlmTestBot"}
@@ -205,17 +204,3 @@ def test_a_user_without_a_last_name_is_shown_by_first_name() -> None:
         message("hi", sender=BOB, chat={"id": 1002, "type": "private", "first_name": "Bob"}), "LlmTestBot", BOT_ID
     )
     assert event is not None and event.display_name == "Bob"
-
-
-def test_menu_keeps_valid_names_and_gives_admin_commands_to_admins_only() -> None:
-    everyone, admins = menu_commands(
-        [
-            CommandInfo("help", "List the commands", admin_only=False),
-            CommandInfo("stats", "Usage statistics", admin_only=True),
-            CommandInfo("Bad-Name", "invalid for Telegram", admin_only=False),
-            CommandInfo("x" * 33, "too long a name", admin_only=False),
-            CommandInfo("blank", "   ", admin_only=False),
-        ]
-    )
-    assert [(c.command, c.description) for c in everyone] == [("help", "List the commands"), ("blank", "blank")]
-    assert [c.command for c in admins] == ["help", "stats", "blank"]

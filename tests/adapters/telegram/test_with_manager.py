@@ -13,13 +13,11 @@ import pytest
 from bot.chat.conversation import ConversationManager
 from bot.events import ConversationKey
 from storage.repository import SqlRepository
-from tests.adapters.telegram.conftest import ALICE, BOB, CAROL, GROUP, RunAdapter
+from tests.adapters.telegram.chats import ALICE, BOB, CAROL, GROUP, PRIVATE_ALICE, PRIVATE_BOB
+from tests.adapters.telegram.conftest import RunAdapter
 from tests.conftest import Harness
 from tests.fakes.fake_engine import SPECIAL_BASE, FakeEngine
-from tests.fakes.telegram_server import Chat, FakeTelegramServer, User
-
-PRIVATE_ALICE = Chat.private(ALICE)
-PRIVATE_BOB = Chat.private(BOB)
+from tests.fakes.telegram import Chat, FakeTelegramServer, User
 
 
 def overrides(server: FakeTelegramServer, **extra: Any) -> dict[str, Any]:

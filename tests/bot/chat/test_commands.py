@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
 from bot.chat.commands import COMMANDS, parse_command
@@ -146,15 +144,5 @@ async def test_stats_reports_usage_for_admins(harness: Harness) -> None:
 async def test_console_user_is_an_admin(harness: Harness) -> None:
     async with harness.manager() as manager:
         target = RecordingTarget()
-        event = IncomingMessage(
-            platform="console",
-            chat_id="local",
-            user_id="local",
-            display_name="me",
-            message_id="1",
-            text="/stats",
-            is_private=True,
-            timestamp=datetime.now(UTC),
-        )
-        await manager.handle(event, target)
+        await manager.handle(incoming("/stats", platform="console", user="local", chat="local"), target)
     assert "Users:" in target.text

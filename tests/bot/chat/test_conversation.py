@@ -22,6 +22,11 @@ def msg(text: str, *, user: str = "u1", chat: str = "c1", private: bool = True) 
     return incoming(text, user=user, chat=chat, private=private)
 
 
+async def turns(harness: Harness, limit: int = 10) -> list[tuple[str, str]]:
+    """The stored conversation of u1 in c1 as (role, content), oldest first."""
+    return [(m.role, m.content) for m in await harness.repo.recent_messages(key(), limit)]
+
+
 def key(user: str = "u1", chat: str = "c1") -> ConversationKey:
     return ConversationKey("telegram", chat, user)
 
@@ -34,6 +39,8 @@ async def test_a_message_gets_a_streamed_reply_and_both_are_stored(harness: Harn
     stored = await harness.repo.recent_messages(key(), 10)
     assert [(m.role, m.content) for m in stored] == [("user", "hello there"), ("assistant", "Echo: hello there")]
     assert stored[0].token_count > 0 and stored[1].platform_message_id == "0"
+    # the reply's count is what the model generated: one token per character, then EOS
+    assert stored[1].token_count == len("Echo: hello there") + 1
 
 
 async def test_messages_of_one_conversation_are_answered_in_order(harness: Harness) -> None:
@@ -142,8 +149,7 @@ async def test_a_failed_generation_apologises_and_keeps_the_user_message(harness
         ok = RecordingTarget()
         await manager.handle(msg("and now?"), ok)
     assert ok.messages == ["Echo: and now?"]
-    stored = await harness.repo.recent_messages(key(), 10)
-    assert [(m.role, m.content) for m in stored] == [
+    assert await turns(harness) == [
         ("user", "please EXPLODE"),
         ("user", "and now?"),
         ("assistant", "Echo: and now?"),
@@ -214,8 +220,7 @@ async def test_blocked_chat_drops_the_reply_without_crashing(harness: Harness) -
         await manager.handle(msg("hi again"), ok)
     assert ok.messages == ["Echo: hi again"]
     # nothing reached the user the first time, so no assistant turn was stored for it
-    stored = await harness.repo.recent_messages(key(), 5)
-    assert [(m.role, m.content) for m in stored] == [
+    assert await turns(harness) == [
         ("user", "hi"),
         ("user", "hi again"),
         ("assistant", "Echo: hi again"),

@@ -1,10 +1,16 @@
-"""Fixtures for tests/bot. (The real default model is `default_engine` in tests/conftest.py.)"""
+"""Fixtures for the engine's tests: a tiny GPT-2 built here, and what the real default
+model (`default_engine` in tests/conftest.py) cached."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from bot.model.hf import HFEngine
 
 _SENTENCES = [
     "User: Hello there, how are you today?",
@@ -46,3 +52,37 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     GPT2LMHeadModel(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def gpt2_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model cache `gpt2` was loaded with (a model directory needs none)."""
+    return tmp_path_factory.mktemp("unused-cache")
+
+
+@pytest.fixture(scope="session")
+def gpt2(tiny_gpt2_dir: Path, gpt2_cache_dir: Path) -> Iterator[HFEngine]:
+    """The tiny GPT-2 as an engine, shared: every test leaves it with nothing active."""
+    from bot.model.hf import load_engine
+
+    engine = load_engine(str(tiny_gpt2_dir), cache_dir=gpt2_cache_dir)
+    yield engine
+    assert engine.step() == {}  # nothing is left active
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(default_engine: HFEngine, model_cache_dir: Path) -> Path:
+    """The de-quantized default model as a model directory: the one entry of the cache
+    the first load filled."""
+    (cached,) = model_cache_dir.iterdir()
+    return cached
+
+
+@pytest.fixture(scope="session")
+def im_end(default_model_dir: Path) -> int:
+    """The id of SmolLM2's end-of-turn token, from the tokenizer saved in the cache."""
+    from transformers import AutoTokenizer
+
+    token_id = AutoTokenizer.from_pretrained(default_model_dir).convert_tokens_to_ids("<|im_end|>")
+    assert isinstance(token_id, int)
+    return token_id

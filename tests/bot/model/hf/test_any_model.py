@@ -3,16 +3,13 @@ pipeline (worker, manager, SQLite) with the fallback prompt format."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
-from bot.chat.conversation import ConversationManager
 from bot.config import Settings
-from bot.events import ConversationKey, IncomingMessage
+from bot.core import open_core
+from bot.events import ConversationKey
 from bot.model.hf import load_engine
-from bot.model.scheduler import Worker
-from storage.database import create_engine, init_db
-from storage.repository import SqlRepository
+from tests.fakes.events import incoming
 from tests.fakes.targets import RecordingTarget
 
 
@@ -27,31 +24,15 @@ async def test_tiny_gpt2_directory_answers_through_the_fallback_format(tiny_gpt2
         max_new_tokens=12,
         system_prompt="Be nice.",
     )
-    db = create_engine(settings.database_url)
-    await init_db(db)
-    repo = SqlRepository.from_engine(db)
-    try:
-        async with Worker(engine) as worker, ConversationManager(settings, repo, worker) as manager:
-            target = RecordingTarget()
-            event = IncomingMessage(
-                platform="console",
-                chat_id="local",
-                user_id="local",
-                display_name="me",
-                message_id="1",
-                text="Hello there, how are you?",
-                is_private=True,
-                timestamp=datetime.now(UTC),
-            )
-            await manager.handle(event, target)
-            assert target.messages, "no reply"
-            assert "\nUser:" not in target.text
-            stored = await repo.recent_messages(ConversationKey("console", "local", "local"), 5)
-            assert [m.role for m in stored] == ["user", "assistant"]
-            assert stored[1].content == target.text
-            # the fallback format is what the model saw
-            prompt = engine.decode(await worker.render_prompt("Be nice.", []))
-            assert prompt.startswith("Be nice.") and prompt.rstrip().endswith("Assistant:")
-    finally:
-        await repo.close()
-        await db.dispose()
+    async with open_core(settings, lambda: engine) as core:
+        target = RecordingTarget()
+        event = incoming("Hello there, how are you?", user="local", chat="local", platform="console")
+        await core.manager.handle(event, target)
+        assert target.messages, "no reply"
+        assert "\nUser:" not in target.text
+        stored = await core.repository.recent_messages(ConversationKey("console", "local", "local"), 5)
+        assert [m.role for m in stored] == ["user", "assistant"]
+        assert stored[1].content == target.text
+        # the fallback format is what the model saw
+        prompt = engine.decode(await core.worker.render_prompt("Be nice.", []))
+        assert prompt.startswith("Be nice.") and prompt.rstrip().endswith("Assistant:")

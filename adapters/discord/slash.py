@@ -1,0 +1,87 @@
+"""The slash commands: one app command per core command, each standing for the text
+command the core parses (`/config set temperature 0.5`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import discord
+from discord import app_commands
+
+from bot.chat.session import SESSION_SETTINGS
+from bot.ports import CommandInfo
+
+SlashDispatch = Callable[[discord.Interaction[Any], str], Awaitable[None]]
+"""Called with the interaction and the text command it stands for."""
+
+
+def _description(info: CommandInfo) -> str:
+    # Discord refuses descriptions over 100 characters.
+    text = info.description.strip() or info.name
+    return text if len(text) <= 100 else text[:99] + "…"
+
+
+def build_command_tree(
+    tree: app_commands.CommandTree[Any], commands: Sequence[CommandInfo], dispatch: SlashDispatch
+) -> None:
+    """Add a slash command for each of the core's commands; each one calls `dispatch`
+    with the text command it stands for.
+
+    `/reset` and `/config` get options; any other command is a plain `/name`."""
+    for info in commands:
+        if info.name == "reset":
+            tree.add_command(_reset_command(info, dispatch))
+        elif info.name == "config":
+            tree.add_command(_config_group(info, dispatch))
+        else:
+            tree.add_command(_plain_command(info, dispatch))
+
+
+def _plain_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.Command[Any, Any, None]:
+    text = f"/{info.name}"
+
+    async def callback(interaction: discord.Interaction[Any]) -> None:
+        await dispatch(interaction, text)
+
+    return app_commands.Command(name=info.name, description=_description(info), callback=callback)
+
+
+def _reset_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.Command[Any, Any, None]:
+    @app_commands.describe(
+        user="Admins: reset this user's conversation in this channel",
+        whole_channel="Admins: reset every conversation in this channel",
+    )
+    async def callback(
+        interaction: discord.Interaction[Any], user: discord.User | None = None, whole_channel: bool = False
+    ) -> None:
+        args = ([str(user.id)] if user is not None else []) + (["chat"] if whole_channel else [])
+        await dispatch(interaction, " ".join(["/reset", *args]))
+
+    return app_commands.Command(name="reset", description=_description(info), callback=callback)
+
+
+def _config_group(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.Group:
+    group = app_commands.Group(name="config", description=_description(info))
+
+    async def show(interaction: discord.Interaction[Any]) -> None:
+        await dispatch(interaction, "/config")
+
+    @app_commands.describe(key="The setting to change", value="Its new value")
+    @app_commands.choices(key=[app_commands.Choice(name=name, value=name) for name in SESSION_SETTINGS])
+    async def set_(interaction: discord.Interaction[Any], key: str, value: str) -> None:
+        await dispatch(interaction, f"/config set {key} {value}")
+
+    async def reset(interaction: discord.Interaction[Any]) -> None:
+        await dispatch(interaction, "/config reset")
+
+    group.add_command(app_commands.Command(name="show", description="Show this session's settings", callback=show))
+    group.add_command(
+        app_commands.Command(name="set", description="Admins: change a setting of this session", callback=set_)
+    )
+    group.add_command(
+        app_commands.Command(
+            name="reset", description="Admins: put this session's settings back to the defaults", callback=reset
+        )
+    )
+    return group

@@ -1,0 +1,148 @@
+"""Per-session settings: the keys of `/config set`, their typed values, and the cache
+of what each session has stored."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from bot.events import ConversationKey
+from bot.ports import Repository, SettingValue
+
+logger = logging.getLogger(__name__)
+
+_CACHE_SIZE: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettingSpec:
+    """A key of `/config set`: its type and allowed range."""
+
+    name: str
+    kind: type[int] | type[float] | type[str]
+    minimum: float | None
+    maximum: float | None
+    help: str
+
+    def parse(self, raw: str) -> SettingValue:
+        """Parse and range-check a value typed by a user; raises `ValueError` with a
+        message fit for the user."""
+        raw = raw.strip()
+        if self.kind is str:
+            if not raw:
+                raise ValueError(f"{self.name} cannot be empty")
+            if self.maximum is not None and len(raw) > self.maximum:
+                raise ValueError(f"{self.name} is limited to {int(self.maximum)} characters")
+            return raw
+        try:
+            number: int | float = int(raw) if self.kind is int else float(raw)
+        except ValueError:
+            raise ValueError(f"{self.name} must be {self.describe_range()}") from None
+        if (
+            number != number
+            or (self.minimum is not None and number < self.minimum)
+            or (self.maximum is not None and number > self.maximum)
+        ):
+            raise ValueError(f"{self.name} must be {self.describe_range()}")
+        return number
+
+    def describe_range(self) -> str:
+        if self.kind is str:
+            return f"text of at most {int(self.maximum or 0)} characters"
+        noun = "a whole number" if self.kind is int else "a number"
+        lo = self.minimum if self.kind is float else int(self.minimum or 0)
+        hi = self.maximum if self.kind is float else int(self.maximum or 0)
+        return f"{noun} from {lo} to {hi}"
+
+
+SESSION_SETTINGS: Final[Mapping[str, SessionSettingSpec]] = {
+    s.name: s
+    for s in (
+        SessionSettingSpec("system_prompt", str, None, 2000, "the model's instructions"),
+        SessionSettingSpec("temperature", float, 0.0, 2.0, "randomness; 0 is greedy"),
+        SessionSettingSpec("top_p", float, 0.05, 1.0, "nucleus sampling cut-off"),
+        SessionSettingSpec("max_new_tokens", int, 1, 2048, "longest reply, in tokens"),
+        SessionSettingSpec("history_turns", int, 0, 200, "past messages the model sees"),
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """The settings one conversation's turns run with. Field names are the keys of
+    `SESSION_SETTINGS`."""
+
+    system_prompt: str
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    history_turns: int
+
+    def with_overrides(self, overrides: Mapping[str, SettingValue]) -> SessionSettings:
+        """These settings with a session's stored values on top. A key this version does
+        not know (stored by another version) or a value out of range is skipped."""
+        changes: dict[str, SettingValue] = {}
+        for name, value in overrides.items():
+            spec = SESSION_SETTINGS.get(name)
+            if spec is None:
+                continue
+            try:
+                changes[name] = spec.parse(str(value))
+            except ValueError as exc:
+                logger.warning("ignoring stored setting %s=%r: %s", name, value, exc)
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def items(self) -> list[tuple[str, SettingValue]]:
+        """`(key, value)` in the order of `SESSION_SETTINGS`."""
+        return [(name, getattr(self, name)) for name in SESSION_SETTINGS]
+
+
+class SessionStore:
+    """Each session's effective settings: `defaults` under its stored overrides.
+
+    Overrides are read once per session and cached (bounded, least recently used
+    first out): every turn needs them, and this process is the only writer.
+    """
+
+    def __init__(self, defaults: SessionSettings, repository: Repository, *, cache_size: int = _CACHE_SIZE) -> None:
+        self._defaults = defaults
+        self._repo = repository
+        self._cache_size = cache_size
+        self._cache: OrderedDict[ConversationKey, dict[str, SettingValue]] = OrderedDict()
+        self._writes = 0  # a read that raced a write must not cache what it read
+
+    async def overrides(self, key: ConversationKey) -> dict[str, SettingValue]:
+        """The session's stored values (empty when none)."""
+        cached = self._cache.get(key)
+        if cached is None:
+            writes = self._writes
+            cached = await self._repo.get_settings(key)
+            if writes == self._writes:
+                self._cache[key] = cached
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return dict(cached)
+
+    async def effective(self, key: ConversationKey) -> SessionSettings:
+        """The settings a turn of this session runs with."""
+        return self._defaults.with_overrides(await self.overrides(key))
+
+    async def set(self, key: ConversationKey, name: str, value: SettingValue) -> None:
+        """Store one override; `value` was parsed by `SESSION_SETTINGS[name]`."""
+        await self._repo.set_setting(key, name, value)
+        self._forget(key)
+
+    async def clear(self, key: ConversationKey) -> None:
+        """Drop every override of the session."""
+        await self._repo.clear_settings(key)
+        self._forget(key)
+
+    def _forget(self, key: ConversationKey) -> None:
+        self._writes += 1
+        self._cache.pop(key, None)

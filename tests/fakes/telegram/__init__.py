@@ -1,0 +1,8 @@
+"""A fake Telegram Bot API server for the real python-telegram-bot: `objects` (users,
+chats, messages as the API shows them), `world` (what Telegram knows, and how tests
+act on it), `methods` (the Bot API methods), `server` (HTTP and webhooks)."""
+
+from tests.fakes.telegram.objects import Call, Chat, StoredMessage, User, auto_entities, scope_key
+from tests.fakes.telegram.server import FakeTelegramServer
+
+__all__ = ["Call", "Chat", "FakeTelegramServer", "StoredMessage", "User", "auto_entities", "scope_key"]
