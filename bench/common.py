@@ -4,6 +4,7 @@ event-loop lag monitor."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
 import sys
@@ -111,11 +112,72 @@ def event(text: str, user: str, message_id: int) -> IncomingMessage:
     )
 
 
-def load_default_engine() -> Any:
-    """The default model, through the user's model cache (so repeated runs are fast)."""
+def load_default_engine(compile_mode: str = "off", weight_dtype: str = "float16") -> Any:
+    """The default model, through the user's model cache (so repeated runs are fast).
+    With ``compile_mode="auto"`` this waits until the compiled decode step is ready."""
     from bot.model.hf import load_engine
 
-    return load_engine(None, cache_dir=default_cache_dir(), context_tokens=2048, progress=print)
+    engine = load_engine(
+        None,
+        cache_dir=default_cache_dir(),
+        context_tokens=2048,
+        progress=print,
+        compile_mode=compile_mode,
+        weight_dtype=weight_dtype,
+    )
+    if compile_mode == "auto" and not engine.wait_for_fast_step(1800):
+        raise SystemExit("the compiled decode step is not available (see the log line above)")
+    return engine
+
+
+def fast_step_args(description: str) -> argparse.Namespace:
+    """``--compile auto|off`` and ``--weight-dtype float32|float16``, defaulting to the
+    bot's own defaults (`Settings`)."""
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--compile", choices=["auto", "off"], default=defaults.model_compile)
+    parser.add_argument("--weight-dtype", choices=["float32", "float16"], default=defaults.model_weight_dtype)
+    return parser.parse_args()
+
+
+class GenerateBaseline:
+    """Plain transformers `model.generate` on the cached default model: float32, greedy,
+    1 thread. The reference every speed-up of the bot's own decoding is measured against,
+    in the same process."""
+
+    def __init__(self, engine: Any) -> None:
+        # The engine's own transformers model (float32 weights): no second copy in memory.
+        self.model = engine.hf_model
+        self.engine = engine
+
+    def generate(self, prompt: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+        """Greedy tokens (stopping at the end of turn, like the bot) and the seconds taken."""
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            ids = torch.tensor([prompt])
+            started = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=sorted(self.engine.eos_token_ids),
+                    pad_token_id=sorted(self.engine.eos_token_ids)[0],
+                )
+            seconds = time.perf_counter() - started
+        finally:
+            torch.set_num_threads(threads)
+        tokens = [int(t) for t in out[0, len(prompt) :]]
+        return tokens, seconds
+
+    def reply(self, tokens: list[int]) -> str:
+        """The text the bot would show for these tokens (without the end-of-turn token)."""
+        kept = [t for t in tokens if t not in self.engine.eos_token_ids]
+        return str(self.engine.decode(kept)).strip()
 
 
 @asynccontextmanager

@@ -1,9 +1,19 @@
 """Many users at once: continuous batching through the conversation manager, with the
 real default model (greedy, 64 new tokens each, different short prompts).
 
+    python bench/throughput.py [--compile auto|off] [--weight-dtype float16|float32]
+
+Each batch size runs twice in the same process, with the fast decode step and with the
+HF forward (`HFEngine.enable_fast_step`), next to plain `model.generate` (float32, 1
+thread) as the common baseline.
+
 Prints human lines, then one JSON line:
 {"single_tok_s", "agg_tok_s_8", "agg_tok_s_16", "agg_tok_s_32", "speedup_8", "speedup_32",
- "late_join_ttft_ratio", "greedy_identical", "rss_mib_32", "loop_lag_p99_ms"}
+ "late_join_ttft_ratio", "greedy_identical", "rss_mib_32", "loop_lag_p99_ms",
+ "hf_generate_tok_s", "hf_agg_tok_s_8", "hf_agg_tok_s_16", "hf_agg_tok_s_32",
+ "fast_vs_hf_8", "fast_vs_hf_16", "fast_vs_hf_32", "weight_dtype", "decode_path"}
+(agg_tok_s_N: the bot's default path; hf_agg_tok_s_N: the HF forward.)
+Targets: fast_vs_hf_32 ≥ 1.2, fast_vs_hf_8 ≥ 1.0; greedy identical; rss_mib_32 ≤ 1536.
 """
 
 from __future__ import annotations
@@ -14,9 +24,19 @@ import threading
 import time
 
 import psutil
-from common import LoopLag, TimingTarget, event, load_default_engine, median, real_stack
+from common import (
+    GenerateBaseline,
+    LoopLag,
+    TimingTarget,
+    event,
+    fast_step_args,
+    load_default_engine,
+    median,
+    real_stack,
+)
 
 from bot.core import Core
+from bot.events import ChatTurn
 
 TOPICS = [
     "the sea",
@@ -94,7 +114,9 @@ async def together(stack: Core, prompts: list[str], tag: str) -> tuple[float, in
 
 
 async def main() -> None:
-    engine = await asyncio.to_thread(load_default_engine)
+    args = fast_step_args(__doc__ or "")
+    engine = await asyncio.to_thread(load_default_engine, args.compile, args.weight_dtype)
+    baseline = GenerateBaseline(engine)
     lag = LoopLag()
     async with real_stack(engine, max_batch_size=32, queue_size=64) as stack:
         await ask(stack, "Hello!", "warmup")
@@ -113,6 +135,27 @@ async def main() -> None:
         single = tokens / busy
         idle_ttft = median(ttfts)
         print(f"single user: {single:.1f} tokens/s, idle ttft {1000 * idle_ttft:.0f} ms")
+        hf_tokens = 0
+        hf_busy = 0.0
+        for prompt in PROMPTS[:8]:
+            ids = await stack.worker.render_prompt(stack.settings.system_prompt, [ChatTurn("user", prompt)])
+            made_ids, seconds = await asyncio.to_thread(baseline.generate, ids, 64)
+            hf_tokens += len(made_ids)
+            hf_busy += seconds
+        hf_generate = hf_tokens / hf_busy
+        print(f"plain model.generate, 1 thread: {hf_generate:.1f} tokens/s")
+
+        # The HF forward at each batch size, for comparison (same process, same prompts).
+        hf_agg: dict[int, float] = {}
+        if engine.decode_path == "fast":
+            engine.enable_fast_step(False)
+            try:
+                for n in (8, 16, 32):
+                    wall, made, _ = await together(stack, PROMPTS[:n], f"hf{n}-")
+                    hf_agg[n] = made / wall
+                    print(f"{n} users at once, HF forward: {made} tokens in {wall:.1f} s = {hf_agg[n]:.1f} tokens/s")
+            finally:
+                engine.enable_fast_step(True)
 
         lag.start()
         wall8, made8, targets8 = await together(stack, PROMPTS[:8], "batch8-")
@@ -148,9 +191,19 @@ async def main() -> None:
         print(f"late joiner ttft {1000 * late.ttft:.0f} ms vs idle {1000 * idle_ttft:.0f} ms: ratio {ratio:.2f}")
         await lag.stop()
 
+    hf_agg = hf_agg or {8: agg8, 16: agg16, 32: agg32}
     print(
         json.dumps(
             {
+                "hf_generate_tok_s": round(hf_generate, 2),
+                "hf_agg_tok_s_8": round(hf_agg[8], 2),
+                "hf_agg_tok_s_16": round(hf_agg[16], 2),
+                "hf_agg_tok_s_32": round(hf_agg[32], 2),
+                "fast_vs_hf_8": round(agg8 / hf_agg[8], 2),
+                "fast_vs_hf_16": round(agg16 / hf_agg[16], 2),
+                "fast_vs_hf_32": round(agg32 / hf_agg[32], 2),
+                "weight_dtype": args.weight_dtype if engine.decode_path == "fast" else "float32",
+                "decode_path": engine.decode_path,
                 "single_tok_s": round(single, 2),
                 "agg_tok_s_8": round(agg8, 2),
                 "agg_tok_s_16": round(agg16, 2),

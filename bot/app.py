@@ -53,6 +53,8 @@ def load_local_engine(settings: Settings) -> Engine:
         context_tokens=settings.model_context_tokens,
         allow_download=settings.model_allow_download,
         progress=lambda line: logger.info("%s", line),
+        compile_mode=settings.model_compile,
+        weight_dtype=settings.model_weight_dtype,
     )
 
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bot.chat.session import SESSION_SETTINGS, SessionSettings
@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     discord_gateway_url: str = "wss://gateway.discord.gg/"
     discord_edit_interval: float = Field(1.2, ge=0.0, le=60.0)
     discord_shard_count: int | None = Field(None, ge=1)
+    # The shards this process runs ("0,1"): several processes split DISCORD_SHARD_COUNT.
+    discord_shard_ids: Annotated[tuple[int, ...] | None, NoDecode] = None
     discord_attachment_max_bytes: int = Field(4000, ge=0)
 
     admin_ids: Annotated[frozenset[str], NoDecode] = frozenset()
@@ -64,8 +66,21 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Field(default_factory=default_cache_dir)
     model_context_tokens: int = Field(2048, ge=64, le=1_000_000)
     model_allow_download: bool = False
+    # The compiled decode step for Llama-family models (bot/model/hf/fast_step.py).
+    model_compile: Literal["auto", "off"] = "off"  # opt-in until it meets its targets
+    model_weight_dtype: Literal["float32", "float16"] = "float32"
     max_batch_size: int = Field(16, ge=1, le=256)
     queue_size: int = Field(64, ge=1, le=10_000)
+
+    # Model server (MODEL_BACKEND=openai): any OpenAI-compatible chat completions API
+    model_backend: Literal["local", "openai"] = "local"
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_api_key: SecretStr | None = None
+    openai_model: str | None = None  # None: the first id /v1/models lists
+    openai_timeout: float = Field(60.0, gt=0.0, le=3600.0)
+    openai_max_concurrency: int = Field(16, ge=1, le=10_000)
+    openai_max_retries: int = Field(3, ge=0, le=20)
+    openai_tokenizer: Path | None = None
 
     # Session defaults (each can be overridden per session with /config set)
     system_prompt: str = "You are a helpful assistant."
@@ -95,6 +110,23 @@ class Settings(BaseSettings):
             out.add(f"{platform.strip().lower()}:{user.strip()}")
         return frozenset(out)
 
+    @field_validator("discord_shard_ids", mode="before")
+    @classmethod
+    def _parse_shard_ids(cls, raw: object, info: ValidationInfo) -> tuple[int, ...] | None:
+        if raw is None or raw == "":
+            return None
+        items = raw.split(",") if isinstance(raw, str) else list(raw)  # type: ignore[call-overload]
+        try:
+            ids = tuple(sorted({int(str(item).strip()) for item in items if str(item).strip()}))
+        except ValueError:
+            raise ValueError("must be shard numbers separated by commas, e.g. 0,1") from None
+        count = info.data.get("discord_shard_count")
+        if count is None:
+            raise ValueError("needs DISCORD_SHARD_COUNT (the total over every process)")
+        if not ids or ids[0] < 0 or ids[-1] >= count:
+            raise ValueError(f"each shard must be between 0 and DISCORD_SHARD_COUNT-1 ({count - 1})")
+        return ids
+
     @field_validator("system_prompt", "temperature", "top_p", "max_new_tokens", "history_turns")
     @classmethod
     def _check_session_default(cls, value: SettingValue, info: object) -> SettingValue:
@@ -108,6 +140,23 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _check_openai_base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
+        return value.rstrip("/")
+
+    @field_validator("openai_tokenizer")
+    @classmethod
+    def _check_openai_tokenizer(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        path = value.expanduser()
+        if not (path.is_file() or (path / "tokenizer.json").is_file()):
+            raise ValueError(f"{value} is neither a tokenizer.json file nor a directory holding one")
+        return path
 
     @field_validator("database_url")
     @classmethod

@@ -1,4 +1,5 @@
-"""The core of the bot, opened and closed in one place: storage → model worker →
+"""The core of the bot, opened and closed in one place: storage → model backend (the
+local worker, or an OpenAI-compatible server with `MODEL_BACKEND=openai`) →
 conversation manager. The entry point, the tests' fixtures and the benchmarks all
 open it with `open_core`."""
 
@@ -12,27 +13,36 @@ from dataclasses import dataclass
 from bot.chat.conversation import ConversationManager
 from bot.config import Settings
 from bot.model.scheduler import Worker
-from bot.ports import Engine, Repository
+from bot.ports import Engine, ModelBackend, Repository
 from storage.database import open_database
 from storage.repository import SqlRepository
 
 
 @dataclass(frozen=True, slots=True)
 class Core:
-    """The opened core. `manager` is what adapters call."""
+    """The opened core. `manager` is what adapters call; `model` is the backend."""
 
     settings: Settings
     repository: Repository
-    worker: Worker
+    model: ModelBackend
     manager: ConversationManager
+
+    @property
+    def worker(self) -> Worker:
+        """The local model worker (`MODEL_BACKEND=local`)."""
+        if not isinstance(self.model, Worker):
+            raise TypeError(f"MODEL_BACKEND={self.settings.model_backend}: there is no local worker")
+        return self.model
 
 
 @asynccontextmanager
 async def open_core(
     settings: Settings, load_engine: Callable[[], Engine], *, repository: Repository | None = None
 ) -> AsyncIterator[Core]:
-    """Open the database (`settings.database_url`, or the given `repository`), then load
-    the model with `load_engine` off the event loop, start its worker and the manager.
+    """Open the database (`settings.database_url`, or the given `repository`), then the
+    model backend, then the manager. The backend is `settings.model_backend`: "local"
+    loads the model with `load_engine` off the event loop and starts its worker;
+    "openai" connects to `OPENAI_BASE_URL` (`load_engine` is not called).
 
     The database comes first so that a bad `DATABASE_URL` fails before a slow model
     load. On exit the manager stops every conversation (replies in progress end with a
@@ -45,9 +55,32 @@ async def open_core(
             sql = SqlRepository.from_engine(database)
             stack.push_async_callback(sql.close)  # runs before the engine is disposed
             repository = sql
-        engine = await asyncio.to_thread(load_engine)
-        worker = await stack.enter_async_context(
-            Worker(engine, max_batch_size=settings.max_batch_size, queue_size=settings.queue_size)
-        )
-        manager = await stack.enter_async_context(ConversationManager(settings, repository, worker))
-        yield Core(settings, repository, worker, manager)
+        model: ModelBackend
+        if settings.model_backend == "openai":
+            from bot.model.remote import OpenAIBackend  # the openai client only when used
+
+            model = await stack.enter_async_context(
+                OpenAIBackend(
+                    base_url=settings.openai_base_url,
+                    api_key=settings.openai_api_key,
+                    model=settings.openai_model,
+                    context_length=settings.model_context_tokens,
+                    timeout=settings.openai_timeout,
+                    max_concurrency=settings.openai_max_concurrency,
+                    queue_size=settings.queue_size,
+                    max_retries=settings.openai_max_retries,
+                    tokenizer=settings.openai_tokenizer,
+                )
+            )
+        else:
+            engine = await asyncio.to_thread(load_engine)
+            model = await stack.enter_async_context(
+                Worker(
+                    engine,
+                    max_batch_size=settings.max_batch_size,
+                    queue_size=settings.queue_size,
+                    model_name=settings.model or "SmolLM2-135M-Instruct",
+                )
+            )
+        manager = await stack.enter_async_context(ConversationManager(settings, repository, model))
+        yield Core(settings, repository, model, manager)

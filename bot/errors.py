@@ -66,6 +66,19 @@ class GenerationError(BotError):
     user_message = "Sorry, I couldn't produce a reply this time. Please try again."
 
 
+class ModelUnavailable(GenerationError):
+    """The model server cannot be reached (or keeps failing) right now."""
+
+    user_message = "The model server is unavailable, try again in a moment."
+
+
+class ReplyCutOff(GenerationError):
+    """The reply broke off after part of it was streamed (a model server went away
+    mid-stream). The part already shown is kept, marked as cut off."""
+
+    user_message = "The connection to the model server broke, so my reply above is cut off. Please try again."
+
+
 class GenerationCancelled(BotError):
     """A generation was stopped on purpose (a /reset, or shutdown)."""
 

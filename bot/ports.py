@@ -1,13 +1,15 @@
 """The `Protocol`s at the seams, and the plain dataclasses that cross them.
 
 `storage/` implements `Repository`; `bot/model/scheduler.py` implements `ModelBackend` on top of
-an `Engine` (`bot/model/hf/`, or a deterministic fake in tests); every adapter
+an `Engine` (`bot/model/hf/`, or a deterministic fake in tests), and `bot/model/remote.py`
+implements it with an OpenAI-compatible server; every adapter
 implements `ReplyTarget` and `Adapter` and calls a `IncomingHandler`.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol, runtime_checkable
@@ -90,7 +92,21 @@ class Repository(Protocol):
 
     async def clear_settings(self, key: ConversationKey) -> None: ...
 
-    async def stats(self) -> RepoStats: ...
+    async def stats(self) -> RepoStats:
+        """Counts over the whole database (every process sharing it)."""
+        ...
+
+    @property
+    def shared(self) -> bool:
+        """Whether other bot processes may use the same store (then nothing read from it
+        may be cached across turns)."""
+        ...
+
+    def conversation_turn(self, key: ConversationKey) -> AbstractAsyncContextManager[None]:
+        """Held for the whole of one chat turn of `key`, so that no other process sharing
+        the store runs a turn of the same conversation meanwhile (a no-op where one process
+        owns the store). Raises `StorageError` if it cannot be taken."""
+        ...
 
 
 # --------------------------------------------------------------------------- model
@@ -107,8 +123,29 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class GenerationParams:
+    """`model` names one of `ModelBackend.models()` for this request (None: the
+    backend's default); `stop` strings end the reply (the stop string itself is not
+    part of it)."""
+
     max_new_tokens: int
     sampling: SamplingParams = SamplingParams()
+    model: str | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedPrompt:
+    """A prompt ready for `ModelBackend.generate`, as `ModelBackend.render` made it.
+
+    It carries the chat itself (a remote backend sends the messages to its server) and
+    its length in tokens as the backend counts them (the prompt builder trims the
+    history until it fits); `ids` are the rendered chat template's token ids for a
+    backend that runs the model itself, empty for one that does not."""
+
+    system: str | None
+    turns: tuple[ChatTurn, ...]
+    length: int
+    ids: tuple[int, ...] = ()
 
 
 FinishReason = Literal["stop", "length"]
@@ -136,22 +173,36 @@ class WorkerStats:
 
 
 class ModelBackend(Protocol):
-    """What the conversation manager sees of the model. Implemented by `bot.model.scheduler.Worker`."""
+    """What the conversation manager sees of the model. Implemented by
+    `bot.model.scheduler.Worker` (in-process) and `bot.model.remote.OpenAIBackend`
+    (an OpenAI-compatible server)."""
 
     @property
     def context_length(self) -> int: ...
 
-    async def count_tokens(self, text: str) -> int: ...
-
-    async def render_prompt(self, system: str | None, turns: Sequence[ChatTurn]) -> list[int]:
-        """Token ids of the chat template (or the fallback format), ending where the
-        assistant's reply begins."""
+    @property
+    def model_name(self) -> str:
+        """The model replies come from when a request names none."""
         ...
 
-    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ReplyChunk, None]:
+    async def count_tokens(self, text: str) -> int: ...
+
+    async def render(self, system: str | None, turns: Sequence[ChatTurn]) -> RenderedPrompt:
+        """The chat as the model will see it (chat template or the fallback format,
+        ending where the assistant's reply begins), with its length in tokens."""
+        ...
+
+    async def models(self) -> tuple[str, ...] | None:
+        """The ids a request may name in `GenerationParams.model`, or None when the
+        backend serves one model only. Raises `GenerationError` when they cannot be
+        listed right now (a model server that is down)."""
+        ...
+
+    def generate(self, prompt: RenderedPrompt, params: GenerationParams) -> AsyncGenerator[ReplyChunk, None]:
         """Stream the reply. Raises `BusyError` when the queue is full,
-        `GenerationError` when the model fails. Closing the generator (`aclose()`, or
-        cancelling the task that iterates it) stops the generation early."""
+        `GenerationError` when the model fails (`ReplyCutOff` once part of the reply
+        was streamed). Closing the generator (`aclose()`, or cancelling the task that
+        iterates it) stops the generation early."""
         ...
 
     def stats(self) -> WorkerStats: ...

@@ -1,6 +1,6 @@
 """Opening the database that `DATABASE_URL` names: SQLAlchemy's async engine for it (with
-SQLite's pragmas on every connection), then its tables. Every bad URL becomes one
-`ConfigError`."""
+SQLite's pragmas on every connection; asyncpg for PostgreSQL), then its schema, migrated
+to this release's (`storage.migrate`). Every bad URL becomes one `ConfigError`."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from alembic.util.exc import CommandError
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bot.errors import ConfigError, first_line
-from storage.models import Base
+from storage import migrate
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def create_engine(url: str) -> AsyncEngine:
     except (ArgumentError, ValueError):
         raise _bad_url(f"not a database URL; expected something like {_EXAMPLE_URL}") from None
     backend = parsed.get_backend_name()
+    if parsed.drivername in ("postgresql", "postgres"):  # no driver named: the async one we ship
+        parsed, backend = parsed.set(drivername="postgresql+asyncpg"), "postgresql"
     if backend not in SUPPORTED_BACKENDS:
         raise _bad_url(f"unsupported database {backend!r}; use SQLite ({_EXAMPLE_URL}) or PostgreSQL")
     sqlite_file = _sqlite_file(parsed) if backend == "sqlite" else None
@@ -77,6 +80,11 @@ def create_engine(url: str) -> AsyncEngine:
             if sqlite_file is not None
             else {"pool_pre_ping": backend != "sqlite"}
         )
+        if backend == "postgresql":
+            # Appends are group-committed, so few connections write at once; reads of
+            # settings and history run beside them. A restarted server's dead
+            # connections are found by the ping instead of failing a turn.
+            pool.update(pool_size=10, max_overflow=10, pool_reset_on_return=None)
         engine = create_async_engine(parsed, hide_parameters=True, **pool)
     except NoSuchModuleError:
         raise _bad_url(f"unknown database driver {parsed.drivername!r}") from None
@@ -91,13 +99,15 @@ def create_engine(url: str) -> AsyncEngine:
 
 
 async def init_db(engine: AsyncEngine) -> None:
-    """Connect and create missing tables. Raises `ConfigError` if the database is unusable."""
+    """Connect and migrate the schema to this release's (`storage.migrate.upgrade`, under
+    a lock). Raises `ConfigError` if the database is unusable or newer than this code."""
     try:
-        async with engine.begin() as connection:
-            await connection.run_sync(Base.metadata.create_all)
-    except (SQLAlchemyError, OSError) as exc:
+        await migrate.upgrade(engine)
+    except (SQLAlchemyError, OSError, CommandError) as exc:
         raise _bad_url(f"cannot open the database: {_driver_message(exc)}") from None
     logger.info("Database ready: %s", engine.url.render_as_string(hide_password=True))
+    if engine.dialect.name == "sqlite":
+        logger.info("SQLite serves one bot process; for several processes use PostgreSQL")
 
 
 @asynccontextmanager

@@ -21,6 +21,7 @@ from bot.errors import StorageError
 from bot.events import ConversationKey, Platform, Role
 from bot.ports import RepoStats, SettingValue, StoredMessage
 from storage.group_commit import Append, Appended, GroupCommit
+from storage.locks import AdvisoryLocks
 from storage.models import Conversation, Message
 from storage.queries import (
     INSERT_MESSAGES,
@@ -45,15 +46,42 @@ class SqlRepository:
     `bot.errors.StorageError`. `close()` waits for appends in progress.
     """
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, locks: AdvisoryLocks | None = None) -> None:
         self._sessions = sessions
+        self._locks = locks
+        # The stored settings of conversations whose turn holds its lock, as read with it.
+        self._turn_settings: dict[ConversationKey, dict[str, SettingValue]] = {}
         self._conversation_ids: dict[ConversationKey, int] = {}
         self._group_commit = GroupCommit(self._commit_appends, max_batch=MAX_APPEND_BATCH)
 
     @classmethod
     def from_engine(cls, engine: AsyncEngine) -> SqlRepository:
-        """A repository on the database that SQLAlchemy's `engine` connects to."""
-        return cls(async_sessionmaker(engine, expire_on_commit=False))
+        """A repository on the database that SQLAlchemy's `engine` connects to. On
+        PostgreSQL, which several processes may share, turns take advisory locks."""
+        locks = AdvisoryLocks(engine) if engine.dialect.name == "postgresql" else None
+        return cls(async_sessionmaker(engine, expire_on_commit=False), locks=locks)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may use the same database (PostgreSQL): then nothing
+        read may be cached from one turn to the next. SQLite serves one process."""
+        return self._locks is not None
+
+    @asynccontextmanager
+    async def conversation_turn(self, key: ConversationKey) -> AsyncIterator[None]:
+        """Held for one chat turn of `key`: on PostgreSQL an advisory lock, so that no
+        other process runs a turn of the same conversation meanwhile; on SQLite (one
+        process, whose manager already orders each conversation's turns) nothing."""
+        if self._locks is None:
+            yield
+            return
+        async with self._locks.hold(key) as settings:
+            # Read with the lock, in the same round trip: the turn's `get_settings`.
+            self._turn_settings[key] = settings
+            try:
+                yield
+            finally:
+                self._turn_settings.pop(key, None)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncSession]:
@@ -97,8 +125,10 @@ class SqlRepository:
         return appended.newest
 
     async def close(self) -> None:
-        """Wait until every append made so far is written."""
+        """Wait until every append made so far is written; close the lock connections."""
         await self._group_commit.close()
+        if self._locks is not None:
+            await self._locks.close()
 
     async def _commit_appends(self, batch: Sequence[Append]) -> list[Appended]:
         """Store the batch (conversations at most once each) and read back the newest
@@ -110,8 +140,12 @@ class SqlRepository:
                 if conversation_id is None:
                     conversation_id, _ = await self._upsert_conversation(session, append.key)
                 conversation_ids.append(conversation_id)
+            # On the Core connection: the hot path needs no ORM bulk-insert bookkeeping.
+            connection = await session.connection()
             rows = (
-                await session.execute(INSERT_MESSAGES, [a.row(c) for a, c in zip(batch, conversation_ids, strict=True)])
+                await connection.execute(
+                    INSERT_MESSAGES, [a.row(c) for a, c in zip(batch, conversation_ids, strict=True)]
+                )
             ).all()
             new_ids = {row.conversation_id: row.id for row in rows}
             readers = [i for i, append in enumerate(batch) if append.limit > 0]
@@ -121,7 +155,7 @@ class SqlRepository:
                 for part, i in enumerate(readers):
                     params[f"conversation_{part}"] = conversation_ids[i]
                     params[f"limit_{part}"] = batch[i].limit
-                for row in await session.execute(newest_of_many(len(readers)), params):
+                for row in await connection.execute(newest_of_many(len(readers)), params):
                     newest[readers[row[0]]].append(StoredMessage(*row[1:]))
         for append, conversation_id in zip(batch, conversation_ids, strict=True):
             self._remember(append.key, conversation_id)  # only once committed
@@ -148,7 +182,7 @@ class SqlRepository:
             stmt = RECENT_BY_KEY
             params = {"platform": key.platform, "chat_id": key.chat_id, "user_id": key.user_id, "limit": limit}
         async with self._transaction() as session:
-            newest_first = (await session.execute(stmt, params)).all()
+            newest_first = (await (await session.connection()).execute(stmt, params)).all()
         return [StoredMessage(*row) for row in reversed(newest_first)]
 
     def _remember(self, key: ConversationKey, conversation_id: int) -> None:
@@ -196,12 +230,16 @@ class SqlRepository:
 
     async def get_settings(self, key: ConversationKey) -> dict[str, SettingValue]:
         """The session's stored overrides (empty when none)."""
+        held = self._turn_settings.get(key)
+        if held is not None:  # read as its turn began
+            return dict(held)
         async with self._transaction() as session:
             settings = await session.scalar(select(Conversation.settings).where(matches_key(key)))
             return dict(settings or {})
 
     async def set_setting(self, key: ConversationKey, name: str, value: SettingValue) -> None:
         """Store one override, creating the conversation if needed."""
+        self._turn_settings.pop(key, None)
         async with self._transaction() as session:
             conversation_id, settings = await self._upsert_conversation(session, key)
             settings[name] = value
@@ -211,6 +249,7 @@ class SqlRepository:
 
     async def clear_settings(self, key: ConversationKey) -> None:
         """Drop every override of the session (its messages stay)."""
+        self._turn_settings.pop(key, None)
         async with self._transaction() as session:
             await session.execute(update(Conversation).where(matches_key(key)).values(settings={}))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.chat.conversation import ConversationManager
@@ -18,9 +20,13 @@ from bot.ports import Engine
 from storage.database import create_engine, init_db
 from storage.repository import SqlRepository
 from tests.fakes.fake_engine import FakeEngine
+from tests.pg import DbBackend, PostgresCluster, PostgresUnavailable, start_cluster
 
 if TYPE_CHECKING:
     from bot.model.hf import HFEngine
+
+# The real `transformers serve` fixture (tests of the OpenAI-compatible backend).
+pytest_plugins = ("tests.transformers_serve",)
 
 
 @pytest.fixture(scope="session")
@@ -37,21 +43,62 @@ def default_engine(model_cache_dir: Path) -> Iterator[HFEngine]:
     yield load_engine(None, cache_dir=model_cache_dir, context_tokens=2048)
 
 
+# ----------------------------------------------------------------------------- databases
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster for the whole run, stopped and removed at its end
+    (whatever the tests did). Skipped where PostgreSQL is missing, except under CI."""
+    try:
+        cluster = start_cluster()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and PostgreSQL cannot start: {exc}", pytrace=False)
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def db_backend() -> DbBackend:
+    """The database engine a test runs on; suites that run on both parametrize it."""
+    return "sqlite"
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def database_url(db_backend: DbBackend, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A new, empty database of `db_backend`: a SQLite file, or a PostgreSQL database in
+    the throwaway cluster (dropped after the test)."""
+    if db_backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'data' / 'bot.db'}"
+        return
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    url = await cluster.create_database()
+    try:
+        yield url
+    finally:
+        await cluster.drop_database(url)
+
+
 # ----------------------------------------------------------------------------- the core
 
 
 @dataclass
 class Harness:
-    """The real manager, repository (SQLite file) and worker around a fake engine."""
+    """The real manager, repository (a SQLite file or a PostgreSQL database) and worker
+    around a fake engine."""
 
-    db_path: Path
+    database_url: str
     engine: FakeEngine
     db: AsyncEngine
     repo: SqlRepository
 
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "database_url": f"sqlite+aiosqlite:///{self.db_path}",
+            "database_url": self.database_url,
             "system_prompt": "You are a test bot.",
             "temperature": 0.0,
             "max_new_tokens": 256,
@@ -73,20 +120,19 @@ class Harness:
             yield core.manager
 
     async def restart_database(self) -> None:
-        """Dispose the engine and open a new one on the same file, as a restart would."""
+        """Dispose the engine and open a new one on the same database, as a restart would."""
         await self.repo.close()
         await self.db.dispose()
-        self.db = create_engine(f"sqlite+aiosqlite:///{self.db_path}")
+        self.db = create_engine(self.database_url)
         await init_db(self.db)
         self.repo = SqlRepository.from_engine(self.db)
 
 
 @pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    db_path = tmp_path / "data" / "bot.db"
-    db = create_engine(f"sqlite+aiosqlite:///{db_path}")
+async def harness(database_url: str) -> AsyncIterator[Harness]:
+    db = create_engine(database_url)
     await init_db(db)
-    h = Harness(db_path, FakeEngine(), db, SqlRepository.from_engine(db))
+    h = Harness(database_url, FakeEngine(), db, SqlRepository.from_engine(db))
     yield h
     await h.repo.close()
     await h.db.dispose()

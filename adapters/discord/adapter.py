@@ -112,6 +112,10 @@ class DiscordAdapter:
         options: dict[str, Any] = {"intents": make_intents(), "allowed_mentions": NO_MENTIONS}
         client: discord.Client
         if self._settings.discord_shard_count is not None:
+            # discord.py's own split: with shard_ids this process connects only those shards.
+            shard_ids = self._settings.discord_shard_ids
+            if shard_ids is not None:
+                options["shard_ids"] = list(shard_ids)
             client = _ShardedClient(self, shard_count=self._settings.discord_shard_count, **options)
         else:
             client = _Client(self, **options)

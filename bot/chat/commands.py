@@ -6,6 +6,7 @@ pass the text on (Discord slash commands are turned into the same text).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Literal, Protocol
 
 from bot.chat.session import SESSION_SETTINGS, SessionSettings, SessionStore
 from bot.config import Settings
-from bot.errors import CommandError, PermissionDenied
+from bot.errors import BotError, CommandError, PermissionDenied
 from bot.events import ConversationKey, IncomingMessage
 from bot.ports import CommandInfo, ModelBackend, ReplyTarget, Repository, SettingValue
 
@@ -27,6 +28,7 @@ COMMANDS: tuple[CommandInfo, ...] = (
         "config", "Show this session's settings (admins: /config set <key> <value>, /config reset)", admin_only=False
     ),
     CommandInfo("stats", "Usage statistics (admins)", admin_only=True),
+    CommandInfo("model", "Show the model in use (admins switch with /config set model <id>)", admin_only=False),
 )
 _NAMES = frozenset(c.name for c in COMMANDS)
 
@@ -140,7 +142,10 @@ class CommandRunner:
         sub = command.args[0].lower() if command.args else "show"
         key = event.key
         if sub == "show":
-            return self._format_settings(await self._sessions.effective(key), await self._sessions.overrides(key))
+            effective = await self._sessions.effective(key)
+            if not effective.model:
+                effective = dataclasses.replace(effective, model=self._model.model_name)
+            return self._format_settings(effective, await self._sessions.overrides(key))
         if sub == "set":
             await self._require_admin(event, target, "chat")
             if len(command.args) < 3:
@@ -154,6 +159,8 @@ class CommandRunner:
                 value = spec.parse(raw)
             except ValueError as exc:
                 raise CommandError(f"Bad value: {exc}.") from None
+            if name == "model":
+                await self._check_model(str(value))
             await self._sessions.set(key, name, value)
             return f"{name} is now {value!r} for this session."
         if sub == "reset":
@@ -166,12 +173,46 @@ class CommandRunner:
         await self._require_admin(event, target, "conversation")
         repo = await self._repo.stats()
         worker = self._model.stats()
+        # Users, conversations and messages are counted in the database, over every
+        # process sharing it; the queue and the model's figures are this process's own.
+        here = " (this process)" if self._repo.shared else ""
         return (
             f"Users: {repo.users}\nConversations: {repo.conversations}\nMessages: {repo.messages}\n"
-            f"Queue: {worker.queue_depth} waiting for the model, {worker.active} generating, "
+            f"Queue{here}: {worker.queue_depth} waiting for the model, {worker.active} generating, "
             f"{self._conversations.waiting_turns()} waiting for their turn\n"
-            f"Tokens generated: {worker.tokens_generated}\nSpeed: {worker.tokens_per_s:.1f} tokens/s"
+            f"Tokens generated{here}: {worker.tokens_generated}\nSpeed{here}: {worker.tokens_per_s:.1f} tokens/s"
         )
+
+    async def _cmd_model(self, command: ParsedCommand, event: IncomingMessage, target: ReplyTarget) -> str:
+        chosen = (await self._sessions.effective(event.key)).model
+        try:
+            available = await self._model.models()
+        except BotError as exc:
+            logger.warning("could not list the models: %s", exc)
+            return f"Model: {chosen or self._model.model_name} (the model server cannot be reached right now)."
+        if available is None:
+            return f"Model: {self._model.model_name}. This bot runs one local model; it cannot be switched."
+        lines = [
+            f"Model: {chosen} (set for this session)" if chosen else f"Model: {self._model.model_name} (the default)"
+        ]
+        lines.append("Available: " + (", ".join(available) if available else "none listed by the server"))
+        lines.append("Admins switch with /config set model <id>.")
+        return "\n".join(lines)
+
+    async def _check_model(self, model_id: str) -> None:
+        """A session may only name a model the backend serves."""
+        try:
+            available = await self._model.models()
+        except BotError as exc:
+            logger.warning("could not list the models: %s", exc)
+            raise CommandError("The model server cannot be reached right now, so I can't check that id.") from None
+        if available is None:
+            raise CommandError(
+                f"This bot runs one local model ({self._model.model_name}); there is no other to switch to."
+            )
+        if model_id not in available:
+            listed = ", ".join(available) if available else "none"
+            raise CommandError(f"Unknown model {model_id!r}. The server offers: {listed}.")
 
     # ------------------------------------------------------------------ text
 

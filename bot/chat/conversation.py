@@ -27,6 +27,7 @@ from bot.errors import (
     DeliveryError,
     GenerationError,
     InputRejected,
+    ReplyCutOff,
 )
 from bot.events import ConversationKey, IncomingMessage, Platform
 from bot.ports import GenerationParams, ModelBackend, ReplyTarget, Repository, SamplingParams
@@ -38,6 +39,7 @@ TYPING_DELAY_S = 1.0  # an answer that starts sooner needs no indicator (saves r
 MAX_WAITING_PER_CONVERSATION = 5
 EMPTY_REPLY = "(I have no answer to that.)"
 STOPPED_SUFFIX = " … [stopped]"
+CUT_OFF_SUFFIX = " … [cut off]"
 # Lone UTF-16 surrogates (JSON can carry them) cannot be stored as UTF-8.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -84,7 +86,7 @@ class ConversationManager:
         self._repo = repository
         self._model = model
         self._clock = clock
-        self._sessions = SessionStore(settings.session_defaults(), repository)
+        self._sessions = SessionStore(settings.session_defaults(), repository, cache=not repository.shared)
         self._commands = CommandRunner(settings, repository, self._sessions, model, conversations=self)
         self._conversations: dict[ConversationKey, _Conversation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -230,7 +232,9 @@ class ConversationManager:
         typing = asyncio.create_task(self._keep_typing(target), name=f"typing:{event.key}")
         streamer = ReplyStreamer(target, clock=self._clock)
         try:
-            await self._generate_reply(event, target, streamer)
+            # Other processes sharing the store wait for this turn of the conversation.
+            async with self._repo.conversation_turn(event.key):
+                await self._generate_reply(event, target, streamer)
         except asyncio.CancelledError:
             typing.cancel()
             if streamer.message_ids:  # tell the user the partial reply is cut short
@@ -267,8 +271,9 @@ class ConversationManager:
         params = GenerationParams(
             max_new_tokens=prompt.max_new_tokens,
             sampling=SamplingParams(temperature=settings.temperature, top_p=settings.top_p),
+            model=settings.model or None,
         )
-        stream = self._model.generate(prompt.ids, params)
+        stream = self._model.generate(prompt.rendered, params)
         tokens = 0
         try:
             try:
@@ -281,6 +286,15 @@ class ConversationManager:
         except DeliveryError:
             if streamer.message_ids:  # the user saw part of it: keep what was said
                 await self._store_reply(key, streamer, tokens)
+            raise
+        except ReplyCutOff:
+            # The user saw part of the reply (a model server went away mid-stream): it
+            # stays, marked as cut off, in the chat and in the history.
+            if streamer.text.strip():
+                try:
+                    await streamer.finish(CUT_OFF_SUFFIX)
+                finally:
+                    await self._store_reply(key, streamer, tokens)
             raise
         except (BusyError, GenerationError):
             if streamer.text.strip():

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from bot.errors import InputRejected
 from bot.events import ChatTurn
-from bot.ports import ModelBackend, StoredMessage
+from bot.ports import ModelBackend, RenderedPrompt, StoredMessage
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +20,13 @@ _TURN_OVERHEAD = 6
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    ids: list[int]
+    rendered: RenderedPrompt
     max_new_tokens: int
+
+    @property
+    def ids(self) -> list[int]:
+        """The token ids, for a backend that works on them (empty for a remote one)."""
+        return list(self.rendered.ids)
 
 
 def reply_budget(context_length: int, max_new_tokens: int) -> int:
@@ -59,10 +64,10 @@ async def build_prompt(
     # oldest turn until it fits.
     while True:
         turns = [ChatTurn(m.role, m.content) for m in history[start:]]
-        ids = await model.render_prompt(system, turns)
-        if len(ids) <= budget:
-            logger.debug("prompt: %d tokens, %d turns", len(ids), len(turns))
-            return Prompt(ids, new_tokens)
+        rendered = await model.render(system, turns)
+        if rendered.length <= budget:
+            logger.debug("prompt: %d tokens, %d turns", rendered.length, len(turns))
+            return Prompt(rendered, new_tokens)
         if start < len(history) - 1:
             start += 1
         elif system is not None:

@@ -67,6 +67,8 @@ SESSION_SETTINGS: Final[Mapping[str, SessionSettingSpec]] = {
         SessionSettingSpec("top_p", float, 0.05, 1.0, "nucleus sampling cut-off"),
         SessionSettingSpec("max_new_tokens", int, 1, 2048, "longest reply, in tokens"),
         SessionSettingSpec("history_turns", int, 0, 200, "past messages the model sees"),
+        # Checked against the server's /v1/models by the command (bot/chat/commands.py).
+        SessionSettingSpec("model", str, None, 200, "model id on the model server (MODEL_BACKEND=openai)"),
     )
 }
 
@@ -81,6 +83,7 @@ class SessionSettings:
     top_p: float
     max_new_tokens: int
     history_turns: int
+    model: str = ""  # empty: the backend's default model
 
     def with_overrides(self, overrides: Mapping[str, SettingValue]) -> SessionSettings:
         """These settings with a session's stored values on top. A key this version does
@@ -105,13 +108,17 @@ class SessionStore:
     """Each session's effective settings: `defaults` under its stored overrides.
 
     Overrides are read once per session and cached (bounded, least recently used
-    first out): every turn needs them, and this process is the only writer.
+    first out): every turn needs them, and this process is the only writer. With
+    `cache=False` (a store shared with other processes, which may change them) they are
+    read at every turn instead, so a change made elsewhere applies to the next turn.
     """
 
-    def __init__(self, defaults: SessionSettings, repository: Repository, *, cache_size: int = _CACHE_SIZE) -> None:
+    def __init__(
+        self, defaults: SessionSettings, repository: Repository, *, cache_size: int = _CACHE_SIZE, cache: bool = True
+    ) -> None:
         self._defaults = defaults
         self._repo = repository
-        self._cache_size = cache_size
+        self._cache_size = cache_size if cache else 0
         self._cache: OrderedDict[ConversationKey, dict[str, SettingValue]] = OrderedDict()
         self._writes = 0  # a read that raced a write must not cache what it read
 

@@ -24,7 +24,7 @@ from bot.errors import BusyError, GenerationCancelled, GenerationError
 from bot.events import ChatTurn
 from bot.model.detokenizer import Detokenizer
 from bot.model.streams import Channel, End, Item, Text, send, send_from_loop
-from bot.ports import Engine, FinishReason, GenerationParams, ReplyChunk, WorkerStats
+from bot.ports import Engine, FinishReason, GenerationParams, RenderedPrompt, ReplyChunk, WorkerStats
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,13 @@ class Worker:
     the scheduler thread without blocking the event loop.
     """
 
-    def __init__(self, engine: Engine, *, max_batch_size: int = 8, queue_size: int = 64) -> None:
-        """`max_batch_size` and `queue_size` are at least 1 (`bot.config.Settings` checks them)."""
+    def __init__(
+        self, engine: Engine, *, max_batch_size: int = 8, queue_size: int = 64, model_name: str = "the local model"
+    ) -> None:
+        """`max_batch_size` and `queue_size` are at least 1 (`bot.config.Settings` checks them);
+        `model_name` is what `/model` shows."""
         self._engine = engine
+        self._model_name = model_name
         self._max_batch = max_batch_size
         self._queue_size = queue_size
         self._eos = engine.eos_token_ids
@@ -129,19 +133,36 @@ class Worker:
         """Tokens in `text`, counted off the event loop."""
         return len(await asyncio.to_thread(self._engine.encode, text))
 
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    async def models(self) -> None:
+        """The worker serves the one model it was started with."""
+        return None
+
     async def render_prompt(self, system: str | None, turns: Sequence[ChatTurn]) -> list[int]:
         """The chat rendered by the engine's template, off the event loop."""
         return await asyncio.to_thread(self._engine.render_chat, system, list(turns))
 
-    async def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> AsyncGenerator[ReplyChunk, None]:
-        """Stream the reply as `ReplyChunk`s; the last one says why it ended.
+    async def render(self, system: str | None, turns: Sequence[ChatTurn]) -> RenderedPrompt:
+        """`render_prompt` as the `ModelBackend` port's `RenderedPrompt`."""
+        ids = await self.render_prompt(system, turns)
+        return RenderedPrompt(system, tuple(turns), len(ids), tuple(ids))
+
+    async def generate(
+        self, prompt: RenderedPrompt | Sequence[int], params: GenerationParams
+    ) -> AsyncGenerator[ReplyChunk, None]:
+        """Stream the reply as `ReplyChunk`s; the last one says why it ended. `prompt`
+        is a `render` result or token ids; `params.model` is ignored (there is one).
 
         Raises `BusyError` (queue full) or `GenerationError` (prompt fills the context,
         the model failed) at the latest on the first ``__anext__``; `GenerationCancelled`
         when the worker shuts down. Closing the generator or cancelling the task that
         iterates it cancels the request.
         """
-        req = self._submit(list(prompt_ids), params)
+        ids = prompt.ids if isinstance(prompt, RenderedPrompt) else prompt
+        req = self._submit(list(ids), params)
         try:
             while True:
                 chunk = await req.channel.receive()
@@ -173,7 +194,10 @@ class Worker:
             raise GenerationError(
                 f"prompt of {len(prompt)} tokens leaves no room in a context of {self.context_length}"
             )
-        channel, text = Channel(asyncio.get_running_loop()), Detokenizer(self._engine.decode, prompt, self._stops)
+        channel, text = (
+            Channel(asyncio.get_running_loop()),
+            Detokenizer(self._engine.decode, prompt, (*self._stops, *params.stop)),
+        )
         with self._cond:
             if self._dead is not None:
                 raise GenerationError("the model thread has stopped") from self._dead

@@ -48,6 +48,25 @@ def test_admin_ids_are_parsed_from_a_comma_separated_list(monkeypatch: pytest.Mo
     assert settings.is_admin("console:local")
 
 
+def test_discord_shard_ids_are_this_process_s_share_of_the_shard_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISCORD_SHARD_COUNT", "4")
+    monkeypatch.setenv("DISCORD_SHARD_IDS", " 3,1 ,")
+    assert load_settings().discord_shard_ids == (1, 3)
+    monkeypatch.setenv("DISCORD_SHARD_IDS", "")
+    assert load_settings().discord_shard_ids is None  # every shard
+
+
+@pytest.mark.parametrize(("count", "ids"), [("4", "4"), ("4", "-1"), ("4", "zero"), (None, "0,1"), ("2", ",")], ids=str)
+def test_bad_discord_shard_ids_stop_with_one_line(monkeypatch: pytest.MonkeyPatch, count: str | None, ids: str) -> None:
+    if count is not None:
+        monkeypatch.setenv("DISCORD_SHARD_COUNT", count)
+    monkeypatch.setenv("DISCORD_SHARD_IDS", ids)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert info.value.setting == "DISCORD_SHARD_IDS"
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("var", "value"),
     [

@@ -1,4 +1,4 @@
-"""Storage fixtures: a real SQLite file per test, the conversations the tests write to,
+"""Storage fixtures: a real SQLite file or PostgreSQL database per test, the conversations the tests write to,
 and a way to see the SQL a test sends."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.events import ConversationKey
 from storage.database import open_database
 from storage.repository import SqlRepository
+from tests.pg import DbBackend
 
 ALICE = ConversationKey("telegram", "chat-1", "alice")
 BOB = ConversationKey("telegram", "chat-1", "bob")
@@ -22,14 +23,23 @@ ALICE_ELSEWHERE = ConversationKey("telegram", "chat-2", "alice")
 SAME_IDS_ON_DISCORD = ConversationKey("discord", "chat-1", "alice")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_backend(request: pytest.FixtureRequest) -> DbBackend:
+    """Every storage test runs on both engines, except those that parametrize
+    `db_backend` themselves (SQLite's pragmas and file locks)."""
+    backend: DbBackend = request.param
+    return backend
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
+    """The SQLite file of `database_url` (for the SQLite-only tests)."""
     return tmp_path / "data" / "bot.db"
 
 
 @pytest.fixture
-def db_url(db_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{db_path}"
+def db_url(database_url: str) -> str:
+    return database_url
 
 
 # The database engine's connections belong to the loop that opened them: the test's own loop.

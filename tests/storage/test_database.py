@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
+import socket
 import threading
 from pathlib import Path
 
@@ -14,8 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.errors import ConfigError
 from storage.database import create_engine, init_db, open_database
+from tests.pg import PostgresCluster
 
 
+@pytest.mark.parametrize("db_backend", ["sqlite"])  # SQLite's own pragmas and locks
 async def test_every_new_connection_gets_wal_foreign_keys_and_busy_timeout(
     db_engine: AsyncEngine,
 ) -> None:
@@ -35,6 +37,7 @@ async def test_every_new_connection_gets_wal_foreign_keys_and_busy_timeout(
         await db_engine.dispose()
 
 
+@pytest.mark.parametrize("db_backend", ["sqlite"])  # SQLite's own pragmas and locks
 async def test_a_sqlite_file_is_served_by_one_connection(db_engine: AsyncEngine) -> None:
     # One writer at a time: a single connection serializes work instead of lock waits.
     assert db_engine.pool.size() == 1  # type: ignore[attr-defined]
@@ -90,12 +93,11 @@ def test_password_in_a_rejected_url_is_not_shown(tmp_path: Path) -> None:
         ("mysql+aiomysql://user:pw@host/db", "unsupported database 'mysql'"),
         ("sqlite+nosuchdriver:///bot.db", "unknown database driver"),
         ("sqlite:///bot.db", "async driver"),
-        ("postgresql+asyncpg://user:s3cret@host/db", "not installed"),
+        # asyncpg ships with the bot; psycopg 3 (an async driver too) does not.
+        ("postgresql+psycopg://user:s3cret@host/db", "not installed"),
     ],
 )
 def test_bad_database_url_raises_config_error_naming_the_setting(url: str, reason: str) -> None:
-    if "asyncpg" in url and importlib.util.find_spec("asyncpg") is not None:
-        pytest.skip("asyncpg is installed here")
     with pytest.raises(ConfigError) as info:
         create_engine(url)
     assert info.value.setting == "DATABASE_URL"
@@ -147,3 +149,46 @@ async def _aiosqlite_threads_ended() -> None:
 async def test_in_memory_database_works() -> None:
     async with open_database("sqlite+aiosqlite://") as engine, engine.connect() as connection:
         assert (await connection.execute(text("SELECT count(*) FROM messages"))).scalar() == 0
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # nothing listens once the socket is closed
+
+
+@pytest.mark.parametrize(
+    "problem", ["nothing listening", "no such database", "no such user"], ids=["closed-port", "database", "user"]
+)
+async def test_an_unusable_postgresql_url_is_one_config_error(
+    problem: str, postgres_cluster: PostgresCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = {
+        "nothing listening": f"postgresql+asyncpg://bot:pw-s3cret@127.0.0.1:{_closed_port()}/bot",
+        "no such database": postgres_cluster.url("no_such_database"),
+        "no such user": postgres_cluster.url().replace("postgres@", "nobody_here:pw-s3cret@"),
+    }[problem]
+    with pytest.raises(ConfigError) as info:
+        async with open_database(url):
+            pass
+    assert info.value.setting == "DATABASE_URL"
+    assert info.value.problem.startswith("cannot open the database: ")
+    assert "\n" not in str(info.value) and "pw-s3cret" not in str(info.value) + caplog.text
+
+
+def test_a_postgresql_url_without_a_driver_uses_asyncpg() -> None:
+    engine = create_engine("postgresql://bot@127.0.0.1:5432/bot")
+    assert engine.url.drivername == "postgresql+asyncpg"
+    assert engine.pool.size() == 10  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite"])
+async def test_sqlite_says_it_serves_one_process(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="storage.database")
+    async with open_database(db_url):
+        pass
+    assert "SQLite serves one bot process; for several processes use PostgreSQL" in caplog.text

@@ -90,6 +90,7 @@ async def test_close_waits_for_appends_in_progress(repo: SqlRepository) -> None:
     assert len(await repo.recent_messages(ALICE, 10)) == 5
 
 
+@pytest.mark.parametrize("db_backend", ["sqlite"])  # SQLite's own pragmas and locks
 async def test_a_cancelled_append_already_being_written_is_committed_before_cancelled_error(
     repo: SqlRepository, db_path: Path
 ) -> None:
@@ -112,6 +113,7 @@ async def test_a_cancelled_append_already_being_written_is_committed_before_canc
     assert [m.content for m in await repo.recent_messages(ALICE, 10)] == ["first", "blocked"]
 
 
+@pytest.mark.parametrize("db_backend", ["sqlite"])  # SQLite's own pragmas and locks
 async def test_a_cancelled_append_still_waiting_its_turn_is_never_written(repo: SqlRepository, db_path: Path) -> None:
     blocker = sqlite3.connect(db_path, isolation_level=None)
     try:

@@ -1,5 +1,6 @@
 """Hugging Face transformers on torch: loading (`loader`), the KV cache (`kv_cache`),
-chat templates (`chat_template`), sampling (`sampler`) and batched decoding (`runner`).
+chat templates (`chat_template`), sampling (`sampler`), batched decoding (`runner`) and
+the compiled decode step for Llama-family models (`fast_step`).
 The only package that imports torch and transformers; import it only to run the local
 model."""
 

@@ -113,6 +113,22 @@ class SlackCache(DynamicCache):
             out.append((layer.keys, layer.values))
         return out
 
+    def buffers(self) -> list[torch.Tensor]:
+        """Every layer's key and value buffers, ``[k0, v0, k1, v1, …]``, each
+        ``[rows, heads, capacity, dim]``: the used columns first, then spare ones."""
+        out: list[torch.Tensor] = []
+        for layer in self.layers:
+            if not isinstance(layer, SlackLayer) or layer._key_buffer is None or layer._value_buffer is None:
+                raise GenerationError(f"KV cache layer {type(layer).__name__} has no buffers")
+            out += [layer._key_buffer, layer._value_buffer]
+        return out
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append one token per row: ``keys``/``values`` are ``[layers, rows, heads, dim]``."""
+        for i, layer in enumerate(self.layers):
+            assert isinstance(layer, SlackLayer)
+            layer.update(keys[i][:, :, None], values[i][:, :, None])
+
     @property
     def shape(self) -> tuple[int, int]:
         """(rows, columns) of the keys and values."""

@@ -23,7 +23,8 @@ from transformers.utils import logging as hf_logging
 
 from bot.errors import ModelLoadError, first_line
 from bot.model.hf.chat_template import ChatTokenizer
-from bot.model.hf.runner import HFEngine, LoadedFrom
+from bot.model.hf.fast_step import FastDecoder, FastStepConfig, compiler_missing, unsupported_reason
+from bot.model.hf.runner import _DEFAULT_THREADS, HFEngine, LoadedFrom
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _QUANT_SUFFIX = re.compile(r"\.(?:I?Q\d[\w]*|F16|F32|BF16)$", re.IGNORECASE)
 _STALE_TMP_SECONDS = 3600.0
+_COMPILE_MODES = ("auto", "off")
+_WEIGHT_DTYPES = ("float32", "float16")
 
 
 def default_model_file() -> Path:
@@ -120,6 +123,8 @@ def load_engine(
     context_tokens: int = 2048,
     allow_download: bool = False,
     progress: Callable[[str], None] | None = None,
+    compile_mode: str = "off",
+    weight_dtype: str = "float32",
 ) -> HFEngine:
     """Load a model and its tokenizer and return a warmed-up engine. Synchronous and
     slow (seconds to half a minute): call it from a worker thread.
@@ -127,7 +132,13 @@ def load_engine(
     ``model`` is None (the default SmolLM2 GGUF), a ``.gguf`` file, a local model
     directory, or a Hugging Face id (downloaded only when ``allow_download``).
     ``context_tokens`` is capped at the model's maximum positions.
-    Raises `ModelLoadError` naming MODEL, MODEL_DTYPE or MODEL_DEVICE.
+    ``compile_mode`` "auto" builds the compiled decode step for Llama-family models
+    (weights stored as ``weight_dtype``, math in float32): a cold inductor cache is
+    filled by a child process, then a background thread loads the graphs, while the
+    engine already answers with the HF forward; the fast step takes over when ready
+    (`HFEngine.wait_for_fast_step`). Its inductor cache sits next to the weights.
+    Raises `ModelLoadError` naming MODEL, MODEL_DTYPE, MODEL_DEVICE, MODEL_COMPILE or
+    MODEL_WEIGHT_DTYPE.
     """
 
     def say(line: str) -> None:
@@ -137,6 +148,10 @@ def load_engine(
             progress(line)
 
     torch_dtype = _parse_dtype(dtype)
+    if compile_mode not in _COMPILE_MODES:
+        raise ModelLoadError("MODEL_COMPILE", f"{compile_mode!r} is not one of {', '.join(_COMPILE_MODES)}")
+    if weight_dtype not in _WEIGHT_DTYPES:
+        raise ModelLoadError("MODEL_WEIGHT_DTYPE", f"{weight_dtype!r} is not one of {', '.join(_WEIGHT_DTYPES)}")
     torch_device = _parse_device(device)
     source = _resolve_source(model)
 
@@ -175,12 +190,30 @@ def load_engine(
             ) from None
         raise ModelLoadError("MODEL", f"cannot load {source.name}: {first_line(exc)}") from None
 
+    context_length = _context_length(hf_model, context_tokens)
+    fast: FastDecoder | None = None
+    if compile_mode == "auto":
+        why_not = unsupported_reason(hf_model) or compiler_missing()
+        if why_not is None and hf_model.dtype != torch.float32:
+            why_not = f"MODEL_DTYPE is {dtype}, not float32"
+        if why_not is None:
+            config = FastStepConfig(
+                mode="auto",
+                weight_dtype="float16" if weight_dtype == "float16" else "float32",
+                cache_dir=_inductor_cache_dir(source, cache_dir, dtype),
+                threads=max(_DEFAULT_THREADS, 1),
+                child_args=(model or "", str(cache_dir), str(context_tokens), dtype),
+            )
+            fast = FastDecoder(hf_model, context_length=context_length, config=config)
+        else:
+            logger.info("MODEL_COMPILE=auto: decoding with the HF forward, %s", why_not)
     engine = HFEngine(
         hf_model,
         ChatTokenizer(tokenizer, getattr(hf_model, "generation_config", None)),
-        context_length=_context_length(hf_model, context_tokens),
+        context_length=context_length,
         device=torch_device,
         loaded_from=loaded_from,
+        fast=fast,
     )
     try:
         engine.warm_up()
@@ -188,6 +221,8 @@ def load_engine(
         logger.debug("Warm-up of %s failed", source.name, exc_info=True)
         raise ModelLoadError("MODEL", f"{source.name} loads but cannot run: {first_line(exc)}") from None
     say(f"Loaded {source.name} in {time.perf_counter() - started:.1f} s")
+    if fast is not None:
+        fast.start(say)
     return engine
 
 
@@ -202,6 +237,20 @@ def _load_pretrained(location: str | Path, torch_dtype: torch.dtype, *, local_on
     tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
     hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, local_files_only=local_only)
     return hf_model, tokenizer
+
+
+def _inductor_cache_dir(source: _Source, cache_dir: Path, dtype: str) -> Path:
+    """Where inductor keeps the compiled decode step: inside the de-quantized weights'
+    cache directory for a GGUF file (so it is keyed and cleared with them), else under
+    `cache_dir` keyed by the model's location and its config's modification time."""
+    if source.kind == "gguf":
+        path = Path(source.location)
+        return cache_dir / f"{path.stem}-{_cache_key(path, dtype)}" / "inductor"
+    raw = f"{source.location}|{dtype}|{transformers.__version__}"
+    config = Path(source.location) / "config.json"
+    if config.is_file():
+        raw += f"|{config.stat().st_mtime_ns}"
+    return cache_dir / "inductor" / hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
 def _cache_key(path: Path, dtype: str) -> str:

@@ -6,6 +6,9 @@ right-aligned with its padding on the left hidden by a 2-D attention mask, and e
 row gets explicit position ids (its own token count), so RoPE and absolute position
 embeddings see exactly what they would see for that sequence alone: greedy output in
 a batch is token-identical to the sequence run alone.
+
+Decode steps of Llama-family models run through the compiled fast step
+(`fast_step.FastDecoder`) once it is ready; prefill always runs the HF forward.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from bot.errors import GenerationError
 from bot.events import ChatTurn
 from bot.model.hf.chat_template import ChatTokenizer
+from bot.model.hf.fast_step import FastDecoder
 from bot.model.hf.kv_cache import KV, SlackCache, join_rows, keep_rows
 from bot.model.hf.sampler import RowSampler, sample
 from bot.ports import SamplingParams
@@ -70,6 +74,7 @@ class HFEngine:
         context_length: int,
         device: torch.device,
         loaded_from: LoadedFrom,
+        fast: FastDecoder | None = None,
     ) -> None:
         self.loaded_from: LoadedFrom = loaded_from
         """Where the weights came from: "gguf" (de-quantized now), "cache", "directory", "hub"."""
@@ -85,6 +90,11 @@ class HFEngine:
 
         self._max_threads = 1  # raised by `on_thread_start`
         self._threads = torch.get_num_threads()
+        self._fast = fast
+        self._fast_enabled = True
+        # Compiled kernels are built for one thread count; another one recompiles them
+        # (and runs very slowly the first time), so with a fast step it never changes.
+        self._fixed_threads = fast.config.threads if fast is not None and fast.compiled else None
 
         # The batch. Row i of every tensor is `self._rows[i]`.
         self._rows: list[_Row] = []
@@ -122,6 +132,32 @@ class HFEngine:
         prompt is shorter than it (see `add`)."""
         return 0 if self._cache is None else self._cache.capacity
 
+    @property
+    def hf_model(self) -> Any:
+        """The loaded transformers model (benchmarks compare with its own `generate`;
+        call it only while the engine is idle)."""
+        return self._model
+
+    @property
+    def decode_path(self) -> Literal["fast", "hf"]:
+        """What decode steps run: the fast step (see `fast_step`; once all its graphs
+        are ready) or the HF forward."""
+        return "fast" if self._fast is not None and self._fast_enabled and self._fast.ready else "hf"
+
+    @property
+    def _use_fast(self) -> bool:
+        return self._fast is not None and self._fast_enabled and self._fast.usable(max(len(self._rows), 1))
+
+    def enable_fast_step(self, enabled: bool) -> None:
+        """Switch between the fast step (when there is one) and the HF forward at the next
+        step; benchmarks compare the two in one process."""
+        self._fast_enabled = enabled
+
+    def wait_for_fast_step(self, timeout: float | None = None, *, one_row: bool = False) -> bool:
+        """Block until the fast step has compiled (True) or failed or is not configured
+        (False); with `one_row`, only until one user's graph is ready."""
+        return self._fast is not None and self._fast.wait(timeout, "one" if one_row else None)
+
     def on_thread_start(self) -> None:
         """Let the scheduler thread use all cores for forward passes big enough to
         gain from them (loading and warm-up ran on one thread)."""
@@ -130,6 +166,13 @@ class HFEngine:
 
     def _use_threads_for(self, tokens: int) -> None:
         threads = self._max_threads if tokens >= _PARALLEL_MIN_TOKENS else 1
+        if self._fixed_threads is not None:
+            # Checked against torch itself: another engine in the process (tests,
+            # benchmarks) may have changed the process-wide count since.
+            if torch.get_num_threads() != self._fixed_threads:
+                torch.set_num_threads(self._fixed_threads)
+            self._threads = self._fixed_threads
+            return
         if threads != self._threads:
             torch.set_num_threads(threads)  # process-wide, but this thread is torch's only user
             self._threads = threads
@@ -205,8 +248,13 @@ class HFEngine:
             mask = torch.cat([self._mask, ones], dim=1)
             self._use_threads_for(len(self._rows))
             try:
-                logits = self._forward(self._pending[:, None], mask, self._positions[:, None], self._cache)
-                tokens = sample(logits[:, -1], [row.sampler for row in self._rows])
+                if self._use_fast:
+                    assert self._fast is not None and self._cache is not None
+                    last, keys, values = self._fast(self._pending, self._positions, self._mask, self._cache.buffers())
+                    self._cache.append(keys, values)
+                else:
+                    last = self._forward(self._pending[:, None], mask, self._positions[:, None], self._cache)[:, -1]
+                tokens = sample(last, [row.sampler for row in self._rows])
             except BaseException:
                 # Some cache layers may hold the new column and others not: the batch
                 # cannot continue. Its sequences are gone (later `remove`s are no-ops).

@@ -1,5 +1,5 @@
-"""The conversation manager with a real SQLite repository and the real worker around a
-deterministic fake engine."""
+"""The conversation manager with a real repository (SQLite file, then PostgreSQL) and the
+real worker around a deterministic fake engine."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from tests.conftest import Harness
 from tests.fakes.events import incoming
 from tests.fakes.fake_engine import FakeEngine
 from tests.fakes.targets import RecordingTarget
+
+# The whole manager suite (ordering, restarts, failures) runs on both engines.
+pytestmark = pytest.mark.parametrize("db_backend", ["sqlite", "postgresql"])
 
 
 def msg(text: str, *, user: str = "u1", chat: str = "c1", private: bool = True) -> IncomingMessage:

@@ -52,6 +52,10 @@ class FakeTelegramServer(TelegramWorld):
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
+        self.webhook_backends: list[str] = []
+        """When set, updates go to these URLs in turn instead of the webhook's URL: a load
+        balancer in front of several bot processes."""
+        self._next_backend = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -165,9 +169,13 @@ class FakeTelegramServer(TelegramWorld):
         secret = self.webhook.get("secret_token")
         if secret:
             headers["X-Telegram-Bot-Api-Secret-Token"] = str(secret)
+        url = str(self.webhook["url"])
+        if self.webhook_backends:
+            url = self.webhook_backends[self._next_backend % len(self.webhook_backends)]
+            self._next_backend += 1
         for _ in range(20):  # the webhook server may still be starting
             try:
-                async with self._client.post(str(self.webhook["url"]), json=update, headers=headers) as response:
+                async with self._client.post(url, json=update, headers=headers) as response:
                     self.webhook_deliveries.append((int(update["update_id"]), response.status))
                     self.changed.fire()
                     return

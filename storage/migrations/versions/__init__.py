@@ -1,0 +1,1 @@
+"""One Alembic revision per file, applied in order by `storage.migrate`."""

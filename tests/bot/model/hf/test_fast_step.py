@@ -1,0 +1,228 @@
+"""The fast decode step (bot/model/hf/fast_step.py): its maths against the transformers
+forward on tiny random Llama models built here (run eagerly: the same code inductor
+compiles), and the compiled step with the real default model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.errors import ModelLoadError
+from bot.events import ChatTurn
+from bot.model.hf import HFEngine, load_engine
+from tests.bot.model.hf.drive import GREEDY, QUESTIONS, chat_prompt, reference_greedy, run_alone, run_batch
+
+# (query heads, key/value heads, head size, tied embeddings)
+TINY_LLAMAS = [
+    pytest.param(4, 2, 16, True, id="gqa-hd16-tied"),
+    pytest.param(4, 4, 32, False, id="mha-hd32-untied"),
+    pytest.param(8, 2, 8, False, id="gqa4-hd8-untied"),
+    pytest.param(6, 3, 64, True, id="gqa-hd64-tied"),
+]
+
+
+def _tiny_llama(tokenizer_dir: Path, heads: int, kv_heads: int, head_dim: int, tied: bool) -> Any:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(heads * 100 + kv_heads * 10 + head_dim)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+        initializer_range=0.3,  # peaked logits: no near-ties between greedy candidates
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model: Any = LlamaForCausalLM(config)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    return model, tokenizer
+
+
+def _engine(model: Any, tokenizer: Any, tmp_path: Path, weight_dtype: str = "float32") -> HFEngine:
+    """The engine around `model` with the fast step run eagerly (no compiler)."""
+    import torch
+
+    from bot.model.hf.chat_template import ChatTokenizer
+    from bot.model.hf.fast_step import FastDecoder, FastStepConfig
+
+    config = FastStepConfig("auto", weight_dtype, tmp_path, 1)  # type: ignore[arg-type]
+    fast = FastDecoder(model, context_length=128, config=config, compiled=False)
+    return HFEngine(
+        model,
+        ChatTokenizer(tokenizer, None),
+        context_length=128,
+        device=torch.device("cpu"),
+        loaded_from="directory",
+        fast=fast,
+    )
+
+
+def _generate(model: Any, prompt: list[int], n: int) -> list[int]:
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False
+        )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "tied"), TINY_LLAMAS)
+@pytest.mark.parametrize("kernel", ["mulsum", "matmul"])
+def test_tiny_llama_step_logits_match_the_transformers_forward(
+    tiny_gpt2_dir: Path, heads: int, kv_heads: int, head_dim: int, tied: bool, kernel: str
+) -> None:
+    import torch
+
+    from bot.model.hf.fast_step import LlamaDecodeStep
+
+    model, _ = _tiny_llama(tiny_gpt2_dir, heads, kv_heads, head_dim, tied)
+    step = LlamaDecodeStep(model, context_length=128, weight_dtype="float32", kernel=kernel)  # type: ignore[arg-type]
+    torch.manual_seed(1)
+    prompt = torch.randint(0, model.config.vocab_size, (3, 11))
+    with torch.inference_mode():
+        expected = model(prompt).logits[:, -1]
+        past = model(prompt[:, :-1], use_cache=True).past_key_values
+        # buffers with spare columns, as the engine's cache has them
+        kv: list[torch.Tensor] = []
+        for layer in past.layers:
+            for t in (layer.keys, layer.values):
+                buffer = torch.full((*t.shape[:2], t.shape[2] + 5, t.shape[3]), float("nan"))
+                buffer[:, :, : t.shape[2]] = t
+                kv.append(buffer)
+        positions = torch.full((3,), 10)
+        logits, keys, values = step(prompt[:, -1], positions, torch.ones(3, 10, dtype=torch.bool), kv)
+    assert logits.shape == expected.shape
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    full = model(prompt, use_cache=True).past_key_values
+    torch.testing.assert_close(keys, torch.stack([layer.keys[:, :, -1] for layer in full.layers]))
+    torch.testing.assert_close(values, torch.stack([layer.values[:, :, -1] for layer in full.layers]))
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "tied"), TINY_LLAMAS)
+def test_tiny_llama_greedy_is_identical_to_generate_alone_and_in_a_batch_with_late_joiners(
+    tiny_gpt2_dir: Path, tmp_path: Path, heads: int, kv_heads: int, head_dim: int, tied: bool
+) -> None:
+    model, tokenizer = _tiny_llama(tiny_gpt2_dir, heads, kv_heads, head_dim, tied)
+    engine = _engine(model, tokenizer, tmp_path)
+    questions = ["Hello", "The quick brown fox jumps over the lazy dog.", "Paris is", "A small model"]
+    prompts = {i: engine.render_chat("Be nice.", [ChatTurn("user", q)]) for i, q in enumerate(questions)}
+    n = 12
+    reference = {i: _generate(model, p, n) for i, p in prompts.items()}
+    assert engine.decode_path == "fast"  # the fast step (run eagerly here) decodes
+    alone = {i: run_alone(engine, p, n) for i, p in prompts.items()}
+    assert alone == reference
+    together = run_batch(engine, {i: (p, GREEDY) for i, p in prompts.items()}, n, join_at={2: 3, 3: 5})
+    assert together == reference
+
+
+def test_float16_weights_tiny_llama_agree_with_float32(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    model, tokenizer = _tiny_llama(tiny_gpt2_dir, 4, 2, 16, False)
+    prompt = tokenizer.encode("Paris is the capital of")
+    exact = run_alone(_engine(model, tokenizer, tmp_path, "float32"), prompt, 10)
+    half = run_alone(_engine(model, tokenizer, tmp_path, "float16"), prompt, 10)
+    assert exact == _generate(model, prompt, 10)
+    assert half[0] == exact[0]  # the same first answer; later tokens are recorded, not promised
+
+
+def test_architectures_outside_the_llama_family_take_the_hf_path(
+    tiny_gpt2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="bot.model.hf.loader"):
+        engine = load_engine(str(tiny_gpt2_dir), cache_dir=tmp_path, compile_mode="auto")
+    assert engine.decode_path == "hf"
+    assert not engine.wait_for_fast_step(0)
+    assert any("not in the Llama family" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting"),
+    [({"compile_mode": "always"}, "MODEL_COMPILE"), ({"weight_dtype": "int8"}, "MODEL_WEIGHT_DTYPE")],
+)
+def test_bad_fast_step_settings_name_the_setting(
+    tiny_gpt2_dir: Path, tmp_path: Path, kwargs: dict[str, str], setting: str
+) -> None:
+    with pytest.raises(ModelLoadError) as caught:
+        load_engine(
+            str(tiny_gpt2_dir),
+            cache_dir=tmp_path,
+            compile_mode=kwargs.get("compile_mode", "off"),
+            weight_dtype=kwargs.get("weight_dtype", "float16"),
+        )
+    assert caught.value.setting == setting
+
+
+# --------------------------------------------------------------------------- the default model, compiled
+
+# A cold compile of the three graphs takes minutes on 2 busy cores (once per session).
+COMPILE_TIMEOUT = 1500
+
+
+@pytest.fixture(scope="session")
+def compiled_engine(default_engine: HFEngine, model_cache_dir: Path) -> Iterator[HFEngine]:
+    """The default model with the compiled step and float32 weights, compiled once per
+    session (the inductor cache lives in the session's model cache)."""
+    engine = load_engine(None, cache_dir=model_cache_dir, compile_mode="auto", weight_dtype="float32")
+    assert engine.wait_for_fast_step(COMPILE_TIMEOUT), "the decode step did not compile"
+    yield engine
+
+
+@pytest.mark.model
+@pytest.mark.timeout(COMPILE_TIMEOUT)
+def test_compiled_step_greedy_matches_transformers_generate(compiled_engine: HFEngine, default_model_dir: Path) -> None:
+    assert compiled_engine.decode_path == "fast"
+    for question in QUESTIONS[:2]:
+        prompt = chat_prompt(compiled_engine, question)
+        assert run_alone(compiled_engine, prompt, 40) == reference_greedy(default_model_dir, prompt, 40)
+
+
+@pytest.mark.model
+@pytest.mark.timeout(COMPILE_TIMEOUT)
+def test_compiled_step_batch_with_late_joiners_matches_each_alone(compiled_engine: HFEngine) -> None:
+    from bot.model.hf.fast_step import MATMUL_MIN_ROWS
+
+    topics = ["the sea", "a cat", "spring", "a robot", "a village", "a library", "rain", "a train", "the moon"]
+    questions = [f"{verb} {topic}." for verb in ("Describe", "Praise", "Explain") for topic in topics]
+    assert len(questions) >= MATMUL_MIN_ROWS + 2
+    prompts = {i: chat_prompt(compiled_engine, q) for i, q in enumerate(questions[: MATMUL_MIN_ROWS + 2])}
+    n = 12
+    alone = {i: run_alone(compiled_engine, p, n) for i, p in prompts.items()}
+    # The matmul kernel while 24+ rows run, then multiply-and-sum for the two late
+    # joiners left at the end; rows join between steps.
+    late = {MATMUL_MIN_ROWS: 3, MATMUL_MIN_ROWS + 1: 6}
+    together = run_batch(compiled_engine, {i: (p, GREEDY) for i, p in prompts.items()}, n, join_at=late)
+    assert together == alone
+
+
+@pytest.mark.model
+@pytest.mark.timeout(COMPILE_TIMEOUT)
+def test_float16_weights_agree_with_float32_and_know_paris(
+    compiled_engine: HFEngine, model_cache_dir: Path, record_property: Any
+) -> None:
+    half = load_engine(None, cache_dir=model_cache_dir, compile_mode="auto", weight_dtype="float16")
+    assert half.wait_for_fast_step(COMPILE_TIMEOUT), "the float16 decode step did not compile"
+    n = 32
+    agreement: list[int] = []
+    for question in QUESTIONS:
+        prompt = chat_prompt(half, question)
+        exact, approx = run_alone(compiled_engine, prompt, n), run_alone(half, prompt, n)
+        same = next((i for i, (a, b) in enumerate(zip(exact, approx, strict=True)) if a != b), n)
+        agreement.append(same)
+    record_property("float16_tokens_equal_to_float32", agreement)
+    logging.getLogger(__name__).info("float16 vs float32: leading equal tokens %s of %d", agreement, n)
+    answer = half.decode(run_alone(half, chat_prompt(half, QUESTIONS[0]), 12))
+    assert "Paris" in answer
