@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,6 +29,18 @@ if TYPE_CHECKING:
 
 # The real `transformers serve` fixture (tests of the OpenAI-compatible backend).
 pytest_plugins = ("tests.transformers_serve",)
+
+
+def run_bot_process(
+    cwd: Path, stdin: str, env: dict[str, str], *, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python -m bot` in a process of its own, as a user would start it: this
+    environment without platform tokens or MODEL, plus `env`; `stdin` is piped in."""
+    full = {k: v for k, v in os.environ.items() if k not in ("TELEGRAM_TOKEN", "DISCORD_TOKEN", "MODEL")}
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "bot"], input=stdin, capture_output=True, text=True, cwd=cwd, env=full, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")

@@ -4,15 +4,12 @@ real default model."""
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from adapters.console import ConsoleAdapter, to_event
-from tests.conftest import Harness
+from tests.conftest import Harness, run_bot_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,24 +37,12 @@ def test_terminal_chat_subprocess_answers_resets_and_exits(
     default_engine: object, model_cache_dir: Path, tmp_path: Path
 ) -> None:
     env = {
-        **os.environ,
         "MODEL_CACHE_DIR": str(model_cache_dir),
         "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
         "MAX_NEW_TOKENS": "24",
         "LOG_LEVEL": "WARNING",
     }
-    for var in ("TELEGRAM_TOKEN", "DISCORD_TOKEN", "MODEL"):
-        env.pop(var, None)
-    lines = "What is the capital of France?\n/config\n/reset\n"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bot"],
-        input=lines,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
+    proc = run_bot_process(tmp_path, "What is the capital of France?\n/config\n/reset\n", env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Paris" in proc.stdout
     assert "max_new_tokens = 24" in proc.stdout

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_bot_process
+
 
 def run_bot(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if k not in ("TELEGRAM_TOKEN", "DISCORD_TOKEN", "MODEL")}
-    full.update({"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'db' / 'bot.db'}", **env})
-    return subprocess.run(
-        [sys.executable, "-m", "bot"], input="", capture_output=True, text=True, cwd=tmp_path, env=full, timeout=120
+    return run_bot_process(
+        tmp_path, "", {"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'db' / 'bot.db'}", **env}, timeout=120
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -19,9 +20,10 @@ from adapters.telegram.adapter import TelegramAdapter
 from adapters.telegram.rate_limiter import RetryPolicy
 from bot.chat.commands import COMMANDS
 from bot.config import Settings
-from bot.ports import CommandInfo, IncomingHandler
+from bot.events import ConversationKey
+from bot.ports import CommandInfo, IncomingHandler, Repository, StoredMessage
 from tests.fakes.echo_handler import EchoHandler as BaseEchoHandler
-from tests.fakes.telegram import Chat, FakeTelegramServer
+from tests.fakes.telegram import Chat, FakeTelegramServer, User
 
 # Short waits so failure tests finish fast; the policy's logic is what is tested.
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.02, max_delay=0.1, flood_attempts=3, max_flood_wait=5.0)
@@ -30,6 +32,24 @@ FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.02, max_delay=0.1, flood_attem
 def replied(server: FakeTelegramServer, chat: Chat, count: int = 1) -> bool:
     """Whether the bot has sent at least `count` messages in `chat`."""
     return len(server.bot_messages(chat.id)) >= count
+
+
+async def private_question_is_answered_and_stored(
+    server: FakeTelegramServer, repo: Repository, user: User, question: str, *, timeout: float = 120
+) -> StoredMessage:
+    """`user` asks `question` in their private chat; waits until the reply is stored and
+    checks that the chat shows exactly what was stored. Returns the stored reply."""
+    key = ConversationKey("telegram", str(user.id), str(user.id))
+    server.user_sends(Chat.private(user), user, question)
+    deadline = time.monotonic() + timeout
+    while len(stored := await repo.recent_messages(key, 10)) < 2:
+        assert time.monotonic() < deadline, f"no reply stored; the chat shows {server.bot_texts(user.id)}"
+        await asyncio.sleep(0.2)
+    reply = stored[-1]
+    assert reply.role == "assistant"
+    assert server.bot_texts(user.id) == [reply.content]  # the chat shows exactly what was stored
+    assert reply.platform_message_id == str(server.bot_messages(user.id)[0].message_id)
+    return reply
 
 
 def free_port() -> int:

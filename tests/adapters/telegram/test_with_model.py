@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import TYPE_CHECKING
 
 import pytest
 
-from bot.events import ConversationKey
 from tests.adapters.telegram.chats import BOB
-from tests.adapters.telegram.conftest import RunAdapter
+from tests.adapters.telegram.conftest import RunAdapter, private_question_is_answered_and_stored
 from tests.conftest import Harness
-from tests.fakes.telegram import Chat, FakeTelegramServer
+from tests.fakes.telegram import FakeTelegramServer
 
 if TYPE_CHECKING:
     from bot.model.hf import HFEngine
@@ -22,7 +19,6 @@ if TYPE_CHECKING:
 async def test_the_default_model_answers_a_private_message_through_telegram(
     server: FakeTelegramServer, run_adapter: RunAdapter, harness: Harness, default_engine: HFEngine
 ) -> None:
-    key = ConversationKey("telegram", str(BOB.id), str(BOB.id))
     async with (
         harness.core(
             default_engine,
@@ -36,13 +32,8 @@ async def test_the_default_model_answers_a_private_message_through_telegram(
         ) as core,
         run_adapter(core.manager, settings=core.settings),
     ):
-        server.user_sends(Chat.private(BOB), BOB, "What is the capital of France?")
-        deadline = time.monotonic() + 120
-        while len(stored := await harness.repo.recent_messages(key, 10)) < 2:
-            assert time.monotonic() < deadline, f"no reply stored; the chat shows {server.bot_texts(BOB.id)}"
-            await asyncio.sleep(0.2)
-    reply = stored[-1]
-    assert reply.role == "assistant" and reply.content.strip()
-    assert server.bot_texts(BOB.id) == [reply.content]  # the chat shows exactly what was stored
-    assert reply.platform_message_id == str(server.bot_messages(BOB.id)[0].message_id)
+        reply = await private_question_is_answered_and_stored(
+            server, harness.repo, BOB, "What is the capital of France?"
+        )
+    assert reply.content.strip()
     assert 1 <= reply.token_count <= 16  # the tokens the model generated, within max_new_tokens

@@ -3,16 +3,12 @@ core, and `transformers serve` with the default model (slow: marked `model`)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import pytest
 
-from bot.events import ConversationKey
 from tests.adapters.telegram.chats import BOB
-from tests.adapters.telegram.conftest import RunAdapter
+from tests.adapters.telegram.conftest import RunAdapter, private_question_is_answered_and_stored
 from tests.conftest import Harness
-from tests.fakes.telegram import Chat, FakeTelegramServer
+from tests.fakes.telegram import FakeTelegramServer
 from tests.transformers_serve import ServedModel
 
 
@@ -20,7 +16,6 @@ from tests.transformers_serve import ServedModel
 async def test_a_model_server_answers_a_private_message_through_telegram(
     server: FakeTelegramServer, run_adapter: RunAdapter, harness: Harness, transformers_serve: ServedModel
 ) -> None:
-    key = ConversationKey("telegram", str(BOB.id), str(BOB.id))
     async with (
         harness.core(
             model_backend="openai",
@@ -34,13 +29,8 @@ async def test_a_model_server_answers_a_private_message_through_telegram(
         ) as core,
         run_adapter(core.manager, settings=core.settings),
     ):
-        server.user_sends(Chat.private(BOB), BOB, "What is the capital of France?")
-        deadline = time.monotonic() + 120
-        while len(stored := await harness.repo.recent_messages(key, 10)) < 2:
-            assert time.monotonic() < deadline, f"no reply stored; the chat shows {server.bot_texts(BOB.id)}"
-            await asyncio.sleep(0.2)
-    reply = stored[-1]
-    assert reply.role == "assistant" and "Paris" in reply.content
-    assert server.bot_texts(BOB.id) == [reply.content]  # the chat shows exactly what was stored
-    assert reply.platform_message_id == str(server.bot_messages(BOB.id)[0].message_id)
+        reply = await private_question_is_answered_and_stored(
+            server, harness.repo, BOB, "What is the capital of France?"
+        )
+    assert "Paris" in reply.content
     assert 1 <= reply.token_count <= 16

@@ -4,9 +4,6 @@ default model, on 127.0.0.1, offline (slow: marked `model`)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +14,7 @@ import pytest
 from bot.core import Core
 from bot.events import ChatTurn, ConversationKey
 from bot.ports import GenerationParams
-from tests.conftest import Harness
+from tests.conftest import Harness, run_bot_process
 from tests.fakes.events import incoming
 from tests.fakes.targets import RecordingTarget
 from tests.transformers_serve import ServedModel
@@ -46,25 +43,14 @@ async def say(core: Core, text: str, *, user: str = "u1") -> RecordingTarget:
 def test_terminal_chat_answers_through_transformers_serve_without_loading_a_model(
     transformers_serve: ServedModel, tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("TELEGRAM_TOKEN", "DISCORD_TOKEN", "MODEL")}
-    env.update(
-        {
-            "MODEL_BACKEND": "openai",
-            "OPENAI_BASE_URL": transformers_serve.base_url,
-            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
-            "MAX_NEW_TOKENS": "24",
-            "LOG_LEVEL": "INFO",
-        }
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "bot"],
-        input="What is the capital of France?\n/model\n/reset\n",
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
+    env = {
+        "MODEL_BACKEND": "openai",
+        "OPENAI_BASE_URL": transformers_serve.base_url,
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+        "MAX_NEW_TOKENS": "24",
+        "LOG_LEVEL": "INFO",
+    }
+    proc = run_bot_process(tmp_path, "What is the capital of France?\n/model\n/reset\n", env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Paris" in proc.stdout
     assert f"Model: {transformers_serve.model_id} (the default)" in proc.stdout
