@@ -1,7 +1,8 @@
 """The terminal chat: the same pipeline as the platforms, reading standard input.
 
 Interactive on a terminal (Ctrl-D or Ctrl-C to leave); on piped input it answers one
-message per line and exits at the end of input, so it can be scripted.
+message per line and exits at the end of input, so it can be scripted. Files the bot
+sends (``/export``) are written to ``exports/`` in the current directory.
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ import io
 import logging
 import sys
 import threading
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TextIO
 
 from bot.events import IncomingMessage
-from bot.ports import IncomingHandler
+from bot.ports import IncomingHandler, ReplyTarget
 
 logger = logging.getLogger(__name__)
 
 CHAT_ID = "local"
 USER_ID = "local"
+EXPORT_DIR = "exports"
 
 
-def to_event(line: str, message_id: int, display_name: str) -> IncomingMessage:
+def to_event(line: str, message_id: int | str, display_name: str) -> IncomingMessage:
     """One line typed in the terminal, as the common event. The local user is an admin."""
     return IncomingMessage(
         platform="console",
@@ -64,6 +68,20 @@ class ConsoleReplyTarget:
     async def typing(self) -> None:
         return None
 
+    async def send_file(self, filename: str, data: bytes, caption: str) -> str:
+        """Write the file into ``exports/`` (never over an existing one) and print where."""
+        folder = Path.cwd() / EXPORT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        name = Path(filename).name or "file"  # no directories from the caller
+        path = folder / name
+        stem, suffix = path.stem, path.suffix
+        number = 1
+        while path.exists():
+            path = folder / f"{stem}-{number}{suffix}"
+            number += 1
+        path.write_bytes(data)
+        return await self.send(f"{caption}: {path}" if caption else str(path))
+
     async def sender_is_chat_admin(self) -> bool:
         return True
 
@@ -77,7 +95,10 @@ class ConsoleReplyTarget:
 
 
 class ConsoleAdapter:
-    """Chat in the terminal. `run` returns at the end of input."""
+    """Chat in the terminal. `run` returns at the end of input.
+
+    Message ids are unique across runs (the start time and a count), so a line typed
+    after a restart is never taken for one accepted before it."""
 
     name = "console"
 
@@ -85,10 +106,27 @@ class ConsoleAdapter:
         self._in = stdin or sys.stdin
         self._out = stdout or sys.stdout
         self._interactive = self._in.isatty() and self._out.isatty()
+        self._running = False
         if isinstance(self._in, io.TextIOWrapper):  # undecodable bytes must not end the chat
             self._in.reconfigure(errors="replace")
 
+    @property
+    def connected(self) -> bool:
+        """Whether it is reading the terminal."""
+        return self._running
+
+    def target_for(self, event: IncomingMessage) -> ReplyTarget:
+        """Where the answer to a line typed before a restart goes: this terminal."""
+        return ConsoleReplyTarget(self._out, "bot> " if self._interactive else "")
+
     async def run(self, handler: IncomingHandler) -> None:
+        self._running = True
+        try:
+            await self._run(handler)
+        finally:
+            self._running = False
+
+    async def _run(self, handler: IncomingHandler) -> None:
         lines: asyncio.Queue[str | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -105,6 +143,8 @@ class ConsoleAdapter:
         name = _user_name()
         if self._interactive:
             self._print("Chat with the bot. /help lists the commands; Ctrl-D or Ctrl-C leaves.\n")
+        await handler.recover("console", self.target_for)  # lines a restart left unanswered
+        run_id = time.time_ns()
         count = 0
         while True:
             if self._interactive:
@@ -118,7 +158,7 @@ class ConsoleAdapter:
                 continue
             count += 1
             target = ConsoleReplyTarget(self._out, "bot> " if self._interactive else "")
-            await handler.handle(to_event(line, count, name), target)
+            await handler.handle(to_event(line, f"{run_id}.{count}", name), target)
             target.end()
 
     def _print(self, text: str) -> None:

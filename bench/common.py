@@ -57,6 +57,9 @@ class TimingTarget:
     async def sender_is_chat_admin(self) -> bool:
         return False
 
+    async def send_file(self, filename: str, data: bytes, caption: str) -> str:
+        return await self.send(f"{caption} [{filename}: {len(data)} bytes]")
+
     @property
     def ttft(self) -> float:
         assert self.first_at is not None, "no reply"

@@ -37,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -70,6 +71,12 @@ class StreamingEcho:
         for piece in ("Echo:", " ", event.text):
             await streamer.push(piece)
         await streamer.finish()
+
+    async def submit(self, event: Any, target: Any) -> Awaitable[None]:
+        return asyncio.ensure_future(self.handle(event, target))
+
+    async def recover(self, platform: Any, make_target: Any) -> None:
+        return None  # nothing is stored, so nothing is left over from a restart
 
     async def move_chat(self, platform: Any, old_chat_id: str, new_chat_id: str) -> None:
         return None  # Discord never gives a channel a new id

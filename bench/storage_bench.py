@@ -65,6 +65,9 @@ class NullTarget:
     async def typing(self) -> None:
         return None
 
+    async def send_file(self, filename: str, data: bytes, caption: str) -> str:
+        return await self.send(caption)
+
     async def sender_is_chat_admin(self) -> bool:
         return False
 

@@ -18,6 +18,14 @@ Run from the repository root: ``python bench/telegram_adapter.py``. Prints human
 lines, then as the last line one JSON:
 {"chats": 50, "msgs_per_s": …, "p50_ms": …, "p99_ms": …}
 (msgs_per_s from phase 1, the percentiles from phase 2).
+
+``--controls``: the capacity phase with the public-bot controls off, then all on —
+`RATE_LIMIT` and `CHAT_RATE_LIMIT` (set high enough never to refuse, so that each
+message still pays for its checks), `DAILY_TOKEN_QUOTA` (likewise) and the metrics
+(`METRICS_PORT`: the HTTP server, the observer and the timed model stream) — alternating
+`--rounds` times in one run (after a warm-up run that is not counted; off-on, then
+on-off, ... so that drift hits both alike), each on a fresh database and core. The last line is
+{"msgs_per_s_off": …, "msgs_per_s_on": …, "ratio": …} (means over the rounds).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -156,9 +165,24 @@ async def serve_users(conn: Connection, plan: Plan) -> None:
         await loop.run_in_executor(None, conn.recv)  # the bot has stopped
 
 
-def users_process(conn: Connection, plan: Plan) -> None:
+async def serve_users_controls(conn: Connection, plan: Plan, runs: int) -> None:
+    """`--controls`: per run, once the bot is up, a warm-up then the capacity phase."""
+    loop = asyncio.get_running_loop()
+    async with FakeTelegramServer() as server:
+        users = Users(server, plan.chats)
+        conn.send((server.api_base, server.token))
+        for run in range(runs):
+            await loop.run_in_executor(None, conn.recv)  # this run's bot is up
+            users.rejected = 0
+            await users.closed_loop(plan.warmup, f"warm-up {run}")
+            elapsed = await users.closed_loop(plan.per_chat, f"run {run}")
+            conn.send({"messages": plan.chats * plan.per_chat, "elapsed": elapsed, "rejected": users.rejected})
+        await loop.run_in_executor(None, conn.recv)  # the bot has stopped
+
+
+def users_process(conn: Connection, plan: Plan, runs: int = 0) -> None:
     logging.basicConfig(level=logging.WARNING, format="users %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_users(conn, plan))
+    asyncio.run(serve_users_controls(conn, plan, runs) if runs else serve_users(conn, plan))
 
 
 # --------------------------------------------------------------------------- the bot
@@ -169,6 +193,13 @@ class DirectEcho:
 
     async def handle(self, event: Any, target: Any) -> None:
         await target.send(f"Echo: {event.text}")
+
+    async def submit(self, event: Any, target: Any) -> Awaitable[None]:
+        # Nothing to store: "accepted" at once; the adapter awaits the reply's task.
+        return asyncio.create_task(self.handle(event, target), name="bench:direct-echo")
+
+    async def recover(self, platform: Any, make_target: Any) -> None:
+        return None  # nothing was ever stored
 
     async def move_chat(self, platform: Any, old_chat_id: str, new_chat_id: str) -> None:
         return None  # the benchmark's chats never migrate
@@ -215,6 +246,92 @@ async def run_bot(conn: Connection, api_base: str, token: str, chats: int, adapt
             return await serve(core.manager)
 
 
+# Every control on, with limits no bench user reaches: the checks run, nothing is refused.
+CONTROLS_ON: dict[str, Any] = {
+    "rate_limit": "1000/second",
+    "chat_rate_limit": "1000/second",
+    "daily_token_quota": 1_000_000_000,
+    "metrics_port": 0,  # any free port: the server runs, nobody scrapes it during the run
+}
+
+
+async def run_bot_controls(
+    conn: Connection, api_base: str, token: str, chats: int, schedule: list[bool]
+) -> list[dict[str, Any]]:
+    """`--controls`: one bot after another, each with the controls on or off as `schedule` says."""
+    from pydantic import SecretStr
+
+    from adapters.telegram.adapter import TelegramAdapter
+    from bot.chat.commands import COMMANDS
+    from bot.config import Settings
+    from bot.core import open_core
+    from tests.fakes.fake_engine import FakeEngine
+
+    loop = asyncio.get_running_loop()
+    results = []
+    for run, on in enumerate(schedule):
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = Settings(
+                _env_file=None,  # type: ignore[call-arg]
+                telegram_token=SecretStr(token),
+                telegram_api_base=api_base,
+                database_url=f"sqlite+aiosqlite:///{tmp}/bench.db",
+                temperature=0.0,
+                queue_size=max(64, chats * 4),
+                **(CONTROLS_ON if on else {}),
+            )
+            async with open_core(settings, FakeEngine) as core:
+                adapter = TelegramAdapter(settings, COMMANDS)
+                gc.collect()
+                gc.freeze()
+                task = asyncio.create_task(adapter.run(core.manager), name=f"bench:telegram:{run}")
+                await asyncio.wait_for(adapter.started.wait(), timeout=30)
+                conn.send("go")
+                result: dict[str, Any] = await loop.run_in_executor(None, conn.recv)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                if core.metrics is not None:  # the metrics did count every answer
+                    result["metrics_answered"] = core.metrics.message_counts().get("answered", 0)
+            result["on"] = on
+            results.append(result)
+    return results
+
+
+def controls_main(plan: Plan, rounds: int) -> None:
+    # A first run to warm up (not counted), then off-on, on-off, ... so drift hits both alike.
+    schedule = [False] + [on for r in range(rounds) for on in ((False, True) if r % 2 == 0 else (True, False))]
+    ours, theirs = mp.get_context("spawn").Pipe()
+    users = mp.get_context("spawn").Process(
+        target=users_process, args=(theirs, plan, len(schedule)), name="telegram-users"
+    )
+    users.start()
+    try:
+        api_base, token = ours.recv()
+        results = asyncio.run(run_bot_controls(ours, api_base, token, plan.chats, schedule))
+        ours.send("stop")
+    finally:
+        users.join(timeout=30)
+        if users.is_alive():
+            users.terminate()
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    print(
+        f"capacity, {plan.chats} chats x {plan.per_chat} messages (closed loop), controls off and on in turn; "
+        f"on = {', '.join(f'{k.upper()}={v}' for k, v in CONTROLS_ON.items())}"
+    )
+    for i, result in enumerate(results):
+        rate = result["messages"] / result["elapsed"]
+        if i > 0:
+            rates[result["on"]].append(rate)
+        label = "warm-up (not counted)" if i == 0 else f"controls {'on ' if result['on'] else 'off'}"
+        counted = f", metrics counted {result['metrics_answered']} answered" if "metrics_answered" in result else ""
+        print(
+            f"  {label}: {result['messages']} in {result['elapsed']:.2f} s "
+            f"= {rate:.1f} msgs/s, {result['rejected']} refused{counted}"
+        )
+    off, on = statistics.fmean(rates[False]), statistics.fmean(rates[True])
+    print(json.dumps({"msgs_per_s_off": round(off, 1), "msgs_per_s_on": round(on, 1), "ratio": round(on / off, 3)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--chats", type=int, default=50)
@@ -227,9 +344,18 @@ def main() -> None:
         action="store_true",
         help="answer without the core (no storage, no model): the adapter's own ceiling",
     )
+    parser.add_argument(
+        "--controls",
+        action="store_true",
+        help="capacity with rate limits, quotas and metrics off vs on, in one run (see the module docstring)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="with --controls: off/on pairs to average")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="bot %(levelname)s %(name)s: %(message)s")
     plan = Plan(args.chats, args.warmup, args.messages, args.rate, args.seconds)
+    if args.controls:
+        controls_main(plan, args.rounds)
+        return
 
     ours, theirs = mp.get_context("spawn").Pipe()
     users = mp.get_context("spawn").Process(target=users_process, args=(theirs, plan), name="telegram-users")

@@ -1,5 +1,11 @@
 """The composition root: settings → core (storage, model, manager) → adapters, and the
-shutdown order. `bot.__main__` runs `serve` in the one event loop."""
+shutdown order. `bot.__main__` runs `serve` in the one event loop.
+
+Adapters are supervised: one that stops with an unexpected error is logged with its
+traceback and run again after a backoff (1 s, doubling to 60 s, back to 1 s once a
+run lasted a minute), while the other adapters and the turns in flight go on. Only a
+`ConfigError` (a rejected token, a missing intent, another instance on the token)
+stops the bot."""
 
 from __future__ import annotations
 
@@ -10,16 +16,47 @@ import gc
 import logging
 import signal
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from bot.chat.commands import COMMANDS
 from bot.config import Settings
 from bot.core import open_core
 from bot.errors import ConfigError
-from bot.ports import Adapter, Engine
+from bot.ports import Adapter, Engine, IncomingHandler
 
 logger = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """How a failed adapter is restarted: after `first` seconds, doubling up to `most`;
+    a run that lasted `stable` seconds counts as healthy and resets the wait."""
+
+    first: float = 1.0
+    most: float = 60.0
+    stable: float = 60.0
+
+
+async def supervise(adapter: Adapter, handler: IncomingHandler, backoff: Backoff = Backoff()) -> None:
+    """Run `adapter` until it returns (the terminal at the end of its input) or raises
+    `ConfigError`; restart it after any other error."""
+    loop = asyncio.get_running_loop()
+    delay = backoff.first
+    while True:
+        started = loop.time()
+        try:
+            await adapter.run(handler)
+            return
+        except ConfigError:
+            raise
+        except Exception:
+            if loop.time() - started >= backoff.stable:
+                delay = backoff.first
+            logger.exception("%s adapter stopped with an error; restarting it in %g s", adapter.name, delay)
+        await asyncio.sleep(delay)
+        delay = min(backoff.most, delay * 2)
 
 
 def build_adapters(settings: Settings) -> list[Adapter]:
@@ -58,7 +95,7 @@ def load_local_engine(settings: Settings) -> Engine:
     )
 
 
-async def serve(settings: Settings, adapters: Sequence[Adapter] | None = None) -> int:
+async def serve(settings: Settings, adapters: Sequence[Adapter] | None = None, *, backoff: Backoff = Backoff()) -> int:
     """Run the bot until the adapters finish or SIGINT/SIGTERM arrives. Returns the exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -70,12 +107,16 @@ async def serve(settings: Settings, adapters: Sequence[Adapter] | None = None) -
             if stop.is_set():
                 return 0
             adapters = list(adapters) if adapters is not None else build_adapters(settings)
+            if core.health is not None:  # /readyz: every adapter connected
+                core.health.adapters = adapters
             # What is loaded by now (libraries, the model) lives as long as the process. Left
             # to the collector, every full pass walks it all: ~0.2 s with the default model,
             # during which the loop and the model thread both stand still.
             gc.collect()
             gc.freeze()
-            tasks = {asyncio.create_task(a.run(core.manager), name=f"adapter:{a.name}") for a in adapters}
+            tasks = {
+                asyncio.create_task(supervise(a, core.manager, backoff), name=f"adapter:{a.name}") for a in adapters
+            }
             stopper = asyncio.create_task(stop.wait(), name="signal-wait")
             logger.info("ready: %s", ", ".join(a.name for a in adapters))
             done, _ = await asyncio.wait(tasks | {stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bot.chat.policy import Rate, parse_entries, parse_rate
 from bot.chat.session import SESSION_SETTINGS, SessionSettings
 from bot.errors import ConfigError
 from bot.ports import SettingValue
@@ -56,6 +57,13 @@ class Settings(BaseSettings):
 
     admin_ids: Annotated[frozenset[str], NoDecode] = frozenset()
 
+    # Public controls (bot/chat/policy.py): who may talk to the bot, and how much
+    rate_limit: Annotated[Rate | None, NoDecode] = None  # per user, over every chat: "10/minute"
+    chat_rate_limit: Annotated[Rate | None, NoDecode] = None  # per chat
+    daily_token_quota: int | None = Field(None, ge=1)  # generated tokens per user per UTC day
+    allowed_ids: Annotated[frozenset[str], NoDecode] = frozenset()  # empty: everybody
+    blocked_ids: Annotated[frozenset[str], NoDecode] = frozenset()
+
     # Storage
     database_url: str = "sqlite+aiosqlite:///data/bot.db"
 
@@ -71,6 +79,12 @@ class Settings(BaseSettings):
     model_weight_dtype: Literal["float32", "float16"] = "float32"
     max_batch_size: int = Field(16, ge=1, le=256)
     queue_size: int = Field(64, ge=1, le=10_000)
+    # Accepted messages not answered yet (waiting or being answered) in this process; more
+    # are refused as busy, and not stored. 2000: a burst of 200 users x 5 messages fits twice.
+    max_pending_messages: int = Field(2000, ge=1, le=1_000_000)
+    # Seconds: a message accepted before a restart and older than this when the bot is back
+    # is not answered; its sender is told it was missed.
+    recover_max_age: float = Field(600.0, ge=0.0, le=30 * 86400.0)
 
     # Model server (MODEL_BACKEND=openai): any OpenAI-compatible chat completions API
     model_backend: Literal["local", "openai"] = "local"
@@ -93,6 +107,10 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(4000, ge=1, le=100_000)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # Health and metrics (bot/health.py): /healthz, /readyz, /metrics; off unless a port is set
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # 0: any free port (logged)
+    metrics_host: str = "127.0.0.1"
+
     @field_validator("admin_ids", mode="before")
     @classmethod
     def _parse_admin_ids(cls, raw: object) -> frozenset[str]:
@@ -109,6 +127,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"entry {entry!r} is not like telegram:123 or discord:456")
             out.add(f"{platform.strip().lower()}:{user.strip()}")
         return frozenset(out)
+
+    @field_validator("rate_limit", "chat_rate_limit", mode="before")
+    @classmethod
+    def _parse_rate(cls, raw: object) -> Rate | None:
+        if isinstance(raw, Rate):
+            return raw
+        return None if raw is None or raw == "" else parse_rate(str(raw))
+
+    @field_validator("allowed_ids", "blocked_ids", mode="before")
+    @classmethod
+    def _parse_entries(cls, raw: object) -> frozenset[str]:
+        return parse_entries(raw)
 
     @field_validator("discord_shard_ids", mode="before")
     @classmethod
@@ -157,6 +187,15 @@ class Settings(BaseSettings):
         if not (path.is_file() or (path / "tokenizer.json").is_file()):
             raise ValueError(f"{value} is neither a tokenizer.json file nor a directory holding one")
         return path
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _check_metrics_host(cls, value: str) -> str:
+        host = value.strip()
+        # An IP address (v4 or v6) or a host name: what aiohttp's site can bind.
+        if not host or any(not (c.isalnum() or c in ".-:_") for c in host):
+            raise ValueError("must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+        return host
 
     @field_validator("database_url")
     @classmethod

@@ -1,7 +1,7 @@
-"""The core of the bot, opened and closed in one place: storage → model backend (the
-local worker, or an OpenAI-compatible server with `MODEL_BACKEND=openai`) →
-conversation manager. The entry point, the tests' fixtures and the benchmarks all
-open it with `open_core`."""
+"""The core of the bot, opened and closed in one place: (the health and metrics server
+with `METRICS_PORT`) → storage → model backend (the local worker, or an
+OpenAI-compatible server with `MODEL_BACKEND=openai`) → conversation manager. The
+entry point, the tests' fixtures and the benchmarks all open it with `open_core`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from bot.chat.conversation import ConversationManager
 from bot.config import Settings
+from bot.health import HealthServer
+from bot.metrics import MeteredBackend, Metrics
 from bot.model.scheduler import Worker
 from bot.ports import Engine, ModelBackend, Repository
 from storage.database import open_database
@@ -20,19 +22,24 @@ from storage.repository import SqlRepository
 
 @dataclass(frozen=True, slots=True)
 class Core:
-    """The opened core. `manager` is what adapters call; `model` is the backend."""
+    """The opened core. `manager` is what adapters call; `model` is the backend (timed
+    by `metrics` when `METRICS_PORT` is set; `health` is then the HTTP server, whose
+    `adapters` the composition root attaches)."""
 
     settings: Settings
     repository: Repository
     model: ModelBackend
     manager: ConversationManager
+    metrics: Metrics | None = None
+    health: HealthServer | None = None
 
     @property
     def worker(self) -> Worker:
         """The local model worker (`MODEL_BACKEND=local`)."""
-        if not isinstance(self.model, Worker):
+        model = self.model.wrapped if isinstance(self.model, MeteredBackend) else self.model
+        if not isinstance(model, Worker):
             raise TypeError(f"MODEL_BACKEND={self.settings.model_backend}: there is no local worker")
-        return self.model
+        return model
 
 
 @asynccontextmanager
@@ -50,11 +57,19 @@ async def open_core(
     closed.
     """
     async with AsyncExitStack() as stack:
+        metrics = health = None
+        if settings.metrics_port is not None:  # first: /healthz answers during a slow model load
+            metrics = Metrics()
+            health = await stack.enter_async_context(
+                HealthServer(settings.metrics_host, settings.metrics_port, metrics)
+            )
         if repository is None:
             database = await stack.enter_async_context(open_database(settings.database_url))
             sql = SqlRepository.from_engine(database)
             stack.push_async_callback(sql.close)  # runs before the engine is disposed
             repository = sql
+        if health is not None:
+            health.repository = repository
         model: ModelBackend
         if settings.model_backend == "openai":
             from bot.model.remote import OpenAIBackend  # the openai client only when used
@@ -82,5 +97,9 @@ async def open_core(
                     model_name=settings.model or "SmolLM2-135M-Instruct",
                 )
             )
-        manager = await stack.enter_async_context(ConversationManager(settings, repository, model))
-        yield Core(settings, repository, model, manager)
+        if metrics is not None and health is not None:
+            model = MeteredBackend(model, metrics)
+            metrics.watch(model)
+            health.model = model
+        manager = await stack.enter_async_context(ConversationManager(settings, repository, model, observer=metrics))
+        yield Core(settings, repository, model, manager, metrics, health)

@@ -86,10 +86,20 @@ class GenerationCancelled(BotError):
 
 
 class DeliveryError(BotError):
-    """The platform refused or failed to deliver a reply (chat gone, blocked,
-    no permission, message deleted). The reply is dropped; nothing crashes."""
+    """The platform refused or failed to deliver a reply, after the adapter's retries.
+
+    `permanent`: it never will (chat gone, bot blocked, no permission, message deleted).
+    Otherwise the platform may take it later (server errors, a long flood wait, the
+    network): the reply is kept and delivered, or the user told, later. `kind` names
+    the failure for metrics ("forbidden", "not_found", "bad_request", "rate_limited",
+    "server_error", "timeout", "network", "stopped")."""
 
     user_message = "I couldn't deliver my reply."
+
+    def __init__(self, detail: str = "", *, permanent: bool = True, kind: str = "other") -> None:
+        super().__init__(detail)
+        self.permanent = permanent
+        self.kind = kind
 
 
 class StorageError(BotError):

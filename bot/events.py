@@ -39,6 +39,8 @@ class IncomingMessage:
     text: str
     is_private: bool
     timestamp: datetime
+    thread_id: str | None = None  # a Telegram forum topic: replies go there
+    guild_id: str | None = None  # the Discord server (for ALLOWED_IDS / BLOCKED_IDS guild entries)
 
     @property
     def key(self) -> ConversationKey:

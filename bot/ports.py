@@ -8,10 +8,10 @@ implements `ReplyTarget` and `Adapter` and calls a `IncomingHandler`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Literal, Protocol, runtime_checkable
 
 from bot.events import ChatTurn, ConversationKey, IncomingMessage, Platform, Role
@@ -19,6 +19,20 @@ from bot.events import ChatTurn, ConversationKey, IncomingMessage, Platform, Rol
 SettingValue = str | int | float
 
 # --------------------------------------------------------------------------- storage
+
+MessageStatus = Literal["cut_off", "hidden"]
+"""A stored message's mark: "cut_off", a reply stored as the user saw it when it broke
+off (shutdown, a model server gone); "hidden", kept but skipped by prompts (the user's
+message of a missed turn, a reply that was never delivered)."""
+
+TurnKind = Literal["message", "command"]
+
+TurnState = Literal["pending", "answered", "failed", "missed", "undelivered"]
+"""Where an accepted turn stands. "pending": accepted, not answered yet (answered after
+a restart); "answered": the reply (or the command's answer) reached the chat, perhaps
+cut off; "failed": the user was told it failed; "missed": too old when the bot came
+back, and the user was told so; "undelivered": the reply is stored but the platform
+did not take it (delivered or told about later)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +43,43 @@ class StoredMessage:
     token_count: int
     created_at: datetime
     platform_message_id: str | None = None
+    status: MessageStatus | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OpenTurn:
+    """An accepted chat turn that still needs work: "pending" (never answered) or
+    "undelivered" (its reply, `reply`, never reached the chat). `event` is the message
+    as it was accepted; `reply_message_ids` are the reply's messages already shown
+    (a restart edits them instead of sending new ones)."""
+
+    id: int
+    event: IncomingMessage
+    state: TurnState
+    accepted_at: datetime
+    reply_message_ids: tuple[str, ...] = ()
+    reply: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedReply:
+    """The reply of a turn, as it is stored when the turn ends."""
+
+    text: str
+    token_count: int
+    platform_message_ids: tuple[str, ...] = ()
+    cut_off: bool = False  # stored as the user saw it, marked "cut_off"
+    prompt_tokens: int = 0  # counted into the user's daily usage with `token_count`
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One user's use on one UTC day, over every chat."""
+
+    day: date
+    prompt_tokens: int
+    generated_tokens: int
+    messages: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +157,69 @@ class Repository(Protocol):
         """Held for the whole of one chat turn of `key`, so that no other process sharing
         the store runs a turn of the same conversation meanwhile (a no-op where one process
         owns the store). Raises `StorageError` if it cannot be taken."""
+        ...
+
+    async def ping(self) -> None:
+        """Check the database answers (and, for SQLite, that its file is still there).
+        Raises `StorageError` when it does not."""
+        ...
+
+    # ------------------------------------------------------------------ durable turns
+
+    async def accept_turn(self, event: IncomingMessage, kind: TurnKind, token_count: int) -> int | None:
+        """Accept an incoming message, keyed by (platform, chat_id, message_id): store
+        the turn ("pending") and, for kind "message", the user's message, in one unit of
+        work. Returns the turn id, or None when that key was accepted before (a
+        redelivered update: it must not be answered again)."""
+        ...
+
+    async def turn_history(self, turn_id: int, limit: int) -> list[StoredMessage]:
+        """The newest `limit` messages of the turn's conversation up to and including its
+        user message, oldest first, without "hidden" ones: the history its prompt sees."""
+        ...
+
+    async def reply_started(self, turn_id: int, platform_message_ids: Sequence[str]) -> None:
+        """Record the messages of a reply shown so far, so a restart can edit them."""
+        ...
+
+    async def finish_turn(self, turn_id: int, state: TurnState, reply: FinishedReply | None = None) -> None:
+        """End (or park) a turn in one unit of work: store `reply` if given (state
+        "undelivered": marked "hidden"; `reply.cut_off`: marked "cut_off"), count its
+        tokens into the user's daily usage, and set the state. With state "missed" the
+        user's message is marked "hidden". A turn whose reply was stored before (an
+        undelivered one now delivered) gets no second copy: its reply is un-hidden."""
+        ...
+
+    async def open_turns(self, platform: Platform) -> list[OpenTurn]:
+        """The platform's turns in state "pending" or "undelivered", oldest first."""
+        ...
+
+    # ------------------------------------------------------------------ operator controls
+
+    async def usage(self, platform: Platform, user_id: str, day: date) -> Usage: ...
+
+    async def reset_usage(self, platform: Platform, user_id: str, day: date) -> None: ...
+
+    async def add_block(self, entry: str, created_by: str) -> bool:
+        """Block `entry` ("telegram:123", "discord:guild:456", ...). False if it already was."""
+        ...
+
+    async def remove_block(self, entry: str) -> bool:
+        """Unblock `entry`. False if it was not blocked."""
+        ...
+
+    async def blocks(self) -> frozenset[str]:
+        """Every entry blocked with `add_block`."""
+        ...
+
+    async def get_chat_settings(self, platform: Platform, chat_id: str) -> dict[str, SettingValue]: ...
+
+    async def set_chat_setting(self, platform: Platform, chat_id: str, name: str, value: SettingValue) -> None: ...
+
+    async def clear_chat_settings(self, platform: Platform, chat_id: str) -> None: ...
+
+    async def conversation_messages(self, key: ConversationKey) -> list[StoredMessage]:
+        """Every stored message of the conversation, oldest first (for `/export`)."""
         ...
 
 
@@ -251,6 +365,47 @@ class Engine(Protocol):
         ...
 
 
+# --------------------------------------------------------------------------- observing
+
+MessageOutcome = Literal[
+    "answered",  # a chat turn's reply reached the chat (perhaps cut off)
+    "command",  # a command was answered
+    "refused_busy",  # turned away: the bot's queues are full (nothing stored)
+    "refused_rate",  # turned away: RATE_LIMIT / CHAT_RATE_LIMIT
+    "refused_quota",  # turned away: DAILY_TOKEN_QUOTA used up
+    "refused_input",  # turned away: empty, too long or binary
+    "blocked",  # ignored: a blocked or not-allowed user or chat, or a chat switched off
+    "duplicate",  # a redelivered message, already accepted once
+    "failed",  # the model or the database failed; the user was told
+    "undelivered",  # the platform did not take the reply (retried or told later)
+    "missed",  # accepted before a restart, too old when the bot came back; the user was told
+]
+
+
+class Observer(Protocol):
+    """What the bot reports about its work (Prometheus metrics in `bot.metrics`; a
+    no-op when metrics are off). Every method is cheap and never raises."""
+
+    def message(self, platform: Platform, outcome: MessageOutcome) -> None:
+        """One incoming message ended with `outcome`."""
+        ...
+
+    def platform_error(self, platform: Platform, kind: str) -> None:
+        """A platform call failed (`kind`: e.g. "timeout", "rate_limited", "server_error",
+        "forbidden", "not_found", "network")."""
+        ...
+
+
+class NullObserver:
+    """An `Observer` that records nothing."""
+
+    def message(self, platform: Platform, outcome: MessageOutcome) -> None:
+        pass
+
+    def platform_error(self, platform: Platform, kind: str) -> None:
+        pass
+
+
 # --------------------------------------------------------------------------- platforms
 
 
@@ -282,6 +437,10 @@ class ReplyTarget(Protocol):
         """Show the typing indicator once (the caller renews it)."""
         ...
 
+    async def send_file(self, filename: str, data: bytes, caption: str) -> str:
+        """Send a file attachment (with a short caption); returns the message's id."""
+        ...
+
     async def sender_is_chat_admin(self) -> bool:
         """Whether the sender administers this chat (Telegram chat admin, Discord
         Manage Server). False in private chats."""
@@ -295,6 +454,21 @@ class IncomingHandler(Protocol):
         `BotError` (users get an explanation instead)."""
         ...
 
+    async def submit(self, event: IncomingMessage, target: ReplyTarget) -> Awaitable[None]:
+        """Accept one message and return once it is accepted (stored) or turned away
+        (refused, a redelivery, a notice sent): an adapter that confirms updates to the
+        platform (Telegram's polling offset) confirms only then. The awaitable it
+        returns completes with the reply. `handle` is `await (await submit(...))`.
+        Never raises `BotError`."""
+        ...
+
+    async def recover(self, platform: Platform, make_target: Callable[[IncomingMessage], ReplyTarget]) -> None:
+        """Answer the platform's turns accepted before a restart but never answered (or
+        not delivered), each through `make_target(event)`; those older than
+        `RECOVER_MAX_AGE` are told they were missed. Called by the adapter once it is
+        connected (again); returns when they are queued. Never raises `BotError`."""
+        ...
+
     async def move_chat(self, platform: Platform, old_chat_id: str, new_chat_id: str) -> None:
         """The platform gave a chat a new id (a Telegram group upgraded to a supergroup):
         its conversations go on under the new one. Never raises `BotError`."""
@@ -303,9 +477,16 @@ class IncomingHandler(Protocol):
 
 class Adapter(Protocol):
     """A platform connection. `run` serves until cancelled (or, for the terminal, until
-    its input ends) and cleans up after itself either way."""
+    its input ends) and cleans up after itself either way. It raises `ConfigError` for
+    what a restart cannot fix (a rejected token); any other error is restarted by the
+    composition root with backoff."""
 
     name: str
+
+    @property
+    def connected(self) -> bool:
+        """Whether it is receiving messages right now (for `/readyz`)."""
+        ...
 
     async def run(self, handler: IncomingHandler) -> None: ...
 

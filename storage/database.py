@@ -1,12 +1,14 @@
 """Opening the database that `DATABASE_URL` names: SQLAlchemy's async engine for it (with
 SQLite's pragmas on every connection; asyncpg for PostgreSQL), then its schema, migrated
-to this release's (`storage.migrate`). Every bad URL becomes one `ConfigError`."""
+to this release's (`storage.migrate`), then its health (`storage.health`: one process
+per SQLite file, writable, not damaged; a watch on the file while the bot runs). Every
+bad URL or unusable database becomes one `ConfigError`."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,17 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlch
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bot.errors import ConfigError, first_line
-from storage import migrate
+from storage import health, migrate
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 SQLITE_PRAGMAS = ("journal_mode=WAL", "foreign_keys=ON", "busy_timeout=5000", "synchronous=NORMAL")
+# The bot's own process (`open_database`) sets locking_mode=EXCLUSIVE before WAL: the WAL
+# index then lives in heap memory instead of a memory-mapped -shm file, whose faults (an
+# immutable file, a full disk) are SIGBUS, not errors (storage/health.py). That process,
+# on its one connection, is the only user of the file anyway (it holds the instance lock).
+EXCLUSIVE_PRAGMA = "locking_mode=EXCLUSIVE"
 _EXAMPLE_URL = "sqlite+aiosqlite:///data/bot.db"
 
 
@@ -38,20 +45,26 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(database)
 
 
-def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        for pragma in SQLITE_PRAGMAS:
-            cursor.execute(f"PRAGMA {pragma}")
-    finally:
-        cursor.close()
+def _pragma_setter(pragmas: tuple[str, ...]) -> Callable[[Any, Any], None]:
+    def set_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in pragmas:
+                cursor.execute(f"PRAGMA {pragma}")
+        finally:
+            cursor.close()
+
+    return set_pragmas
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, *, exclusive: bool = False) -> AsyncEngine:
     """SQLAlchemy's async engine for `url` (SQLite via aiosqlite, or PostgreSQL).
 
-    For SQLite the file's directory is created and every new connection gets the
-    `SQLITE_PRAGMAS`. Nothing connects yet: `init_db` does.
+    For SQLite the file's directory is created, every new connection gets the
+    `SQLITE_PRAGMAS` (after `EXCLUSIVE_PRAGMA` with `exclusive`: no other connection,
+    in this process or another, can open the file until the engine is disposed), and
+    the file is watched (`storage.health.watch_sqlite_file`). Nothing connects yet:
+    `init_db` does.
     """
     try:
         parsed = make_url(url)
@@ -94,31 +107,44 @@ def create_engine(url: str) -> AsyncEngine:
         # e.g. a sync driver ("sqlite://"): the asyncio extension needs an async one.
         raise _bad_url(f"{parsed.drivername!r} cannot be used: {_driver_message(exc)}") from None
     if backend == "sqlite":
-        event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
+        pragmas = (EXCLUSIVE_PRAGMA, *SQLITE_PRAGMAS) if exclusive and sqlite_file is not None else SQLITE_PRAGMAS
+        event.listen(engine.sync_engine, "connect", _pragma_setter(pragmas))
+        health.watch_sqlite_file(engine)
     return engine
 
 
 async def init_db(engine: AsyncEngine) -> None:
-    """Connect and migrate the schema to this release's (`storage.migrate.upgrade`, under
-    a lock). Raises `ConfigError` if the database is unusable or newer than this code."""
+    """Connect, migrate the schema to this release's (`storage.migrate.upgrade`, under
+    a lock), and check that the database can be written and is not damaged
+    (`storage.health.check_database`). Raises `ConfigError` if the database is
+    unusable or newer than this code."""
     try:
         await migrate.upgrade(engine)
     except (SQLAlchemyError, OSError, CommandError) as exc:
         raise _bad_url(f"cannot open the database: {_driver_message(exc)}") from None
+    await health.check_database(engine)
     logger.info("Database ready: %s", engine.url.render_as_string(hide_password=True))
     if engine.dialect.name == "sqlite":
         logger.info("SQLite serves one bot process; for several processes use PostgreSQL")
 
 
 @asynccontextmanager
-async def open_database(url: str) -> AsyncIterator[AsyncEngine]:
-    """`create_engine` + `init_db`; disposes the engine (closing its connections) on exit."""
-    engine = create_engine(url)
-    try:
-        await init_db(engine)
-        yield engine
-    finally:
-        await engine.dispose()
+async def open_database(url: str, *, exclusive: bool = True) -> AsyncIterator[AsyncEngine]:
+    """`create_engine` + `init_db` for the bot's process: a SQLite file is first locked
+    for this process (`storage.health.instance_lock`: a second bot on the file stops
+    with a `ConfigError`) and opened in exclusive locking mode (see `create_engine`;
+    `exclusive=False` only for tests that open the file from a second connection).
+    Disposes the engine (closing its connections), then releases the lock, on exit."""
+    engine = create_engine(url, exclusive=exclusive)
+    database = health.sqlite_file(engine)
+    if database is not None:
+        health.check_writable(database)
+    with health.instance_lock(database) if database is not None else nullcontext():
+        try:
+            await init_db(engine)
+            yield engine
+        finally:
+            await engine.dispose()
 
 
 def _driver_message(exc: BaseException) -> str:

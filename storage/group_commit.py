@@ -1,11 +1,14 @@
-"""Group commit of appended messages.
+"""Group commit of the hot path's writes (appended messages, and a turn's steps).
 
-Appending messages is the hot path (two per chat turn), and SQLite takes one writer at
-a time. So appends queue up, and one writer task drains the queue a batch at a time:
-the appends that arrive while a batch is being written go together into the next, which
-the commit function writes in one transaction. Under load that turns dozens of round
-trips through the database thread into a handful; alone, an append is written at once.
-Each append still succeeds or fails on its own.
+Every chat turn writes several times (accepted, reply started, finished), and SQLite
+takes one writer at a time. So writes queue up, and one writer task drains the queue a
+batch at a time: the writes that arrive while a batch is being written go together into
+the next, which the commit function writes in one transaction. Under load that turns
+dozens of round trips through the database thread into a handful; alone, a write is
+written at once. Each write still succeeds or fails on its own.
+
+The queue is generic: an item says with `conflict_key` which others it must not share a
+batch with (an append that reads its conversation back must see itself as the newest).
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from bot.errors import StorageError
 from bot.events import ConversationKey, Role
@@ -39,6 +42,11 @@ class Append:
     limit: int
     created_at: datetime = field(default_factory=utcnow)
 
+    @property
+    def conflict_key(self) -> Hashable | None:
+        """Appends of one conversation go in separate batches (each reads itself back)."""
+        return self.key
+
     def row(self, conversation_id: int) -> dict[str, Any]:
         """Its values for an INSERT into `messages`."""
         return {
@@ -59,19 +67,31 @@ class Appended:
     newest: list[StoredMessage]
 
 
-CommitBatch = Callable[[Sequence[Append]], Awaitable[list[Appended]]]
-"""Writes a batch (at most one append per conversation) in one transaction, answering
+class Batchable(Protocol):
+    """An item of the queue."""
+
+    @property
+    def conflict_key(self) -> Hashable | None:
+        """Items with the same key (not None) never share a batch."""
+        ...
+
+
+T = TypeVar("T", bound=Batchable)
+R = TypeVar("R")
+
+CommitBatch = Callable[[Sequence[T]], Awaitable[list[R]]]
+"""Writes a batch (no two items with one conflict key) in one transaction, answering
 each in order; raises `StorageError` if the transaction fails."""
 
 
 @dataclass(frozen=True, eq=False, slots=True)
-class _Queued:
-    """An append in the queue, and the future its caller waits on."""
+class _Queued(Generic[T, R]):
+    """An item in the queue, and the future its caller waits on."""
 
-    append: Append
-    done: asyncio.Future[Appended]
+    append: T
+    done: asyncio.Future[R]
 
-    def succeed(self, result: Appended) -> None:
+    def succeed(self, result: R) -> None:
         if not self.done.done():
             self.done.set_result(result)
 
@@ -80,23 +100,23 @@ class _Queued:
             self.done.set_exception(error)
 
 
-class GroupCommit:
-    """Queues appends and writes them through `commit`, at most `max_batch` at a time."""
+class GroupCommit(Generic[T, R]):
+    """Queues writes and writes them through `commit`, at most `max_batch` at a time."""
 
-    def __init__(self, commit: CommitBatch, *, max_batch: int) -> None:
+    def __init__(self, commit: Callable[[Sequence[T]], Awaitable[list[R]]], *, max_batch: int) -> None:
         self._commit = commit
         self._max_batch = max_batch
-        self._queue: deque[_Queued] = deque()
+        self._queue: deque[_Queued[T, R]] = deque()
         self._writer: asyncio.Task[None] | None = None
 
-    async def write(self, append: Append) -> Appended:
+    async def write(self, append: T) -> R:
         """Store `append` once its turn comes. Raises `StorageError` if it cannot be.
 
         A caller cancelled before its append is started cancels the append; one cancelled
         later waits until it is committed, so what the caller does next (a /reset after a
         cancelled turn) finds it committed, not still in flight.
         """
-        queued = _Queued(append, asyncio.get_running_loop().create_future())
+        queued: _Queued[T, R] = _Queued(append, asyncio.get_running_loop().create_future())
         self._queue.append(queued)
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_queue(), name="storage:appends")
@@ -118,7 +138,7 @@ class GroupCommit:
 
     async def _write_queue(self) -> None:
         """The writer: drains the queue one batch at a time, then ends."""
-        batch: list[_Queued] = []
+        batch: list[_Queued[T, R]] = []
         try:
             while self._queue:
                 batch = self._next_batch()
@@ -130,23 +150,25 @@ class GroupCommit:
                 queued.fail(StorageError("storage is shutting down"))
             self._queue.clear()
 
-    def _next_batch(self) -> list[_Queued]:
-        """The oldest appends, at most one per conversation (so each read-back sees its
-        own append as the newest message); later ones of a conversation keep their place."""
-        batch: list[_Queued] = []
-        keys: set[ConversationKey] = set()
-        skipped: list[_Queued] = []
+    def _next_batch(self) -> list[_Queued[T, R]]:
+        """The oldest items, at most one per conflict key (so each append's read-back sees
+        its own append as the newest message); later ones of a key keep their place."""
+        batch: list[_Queued[T, R]] = []
+        keys: set[Hashable] = set()
+        skipped: list[_Queued[T, R]] = []
         while self._queue and len(batch) < self._max_batch:
             queued = self._queue.popleft()
-            if queued.append.key in keys:
+            key = queued.append.conflict_key
+            if key is not None and key in keys:
                 skipped.append(queued)
             else:
-                keys.add(queued.append.key)
+                if key is not None:
+                    keys.add(key)
                 batch.append(queued)
         self._queue.extendleft(reversed(skipped))
         return batch
 
-    async def _write_batch(self, batch: list[_Queued]) -> None:
+    async def _write_batch(self, batch: list[_Queued[T, R]]) -> None:
         try:
             results = await self._commit([queued.append for queued in batch])
         except StorageError as exc:

@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,75 +22,14 @@ from storage.database import open_database
 from storage.repository import SqlRepository
 from tests.fakes.discord.server import FakeDiscordServer
 from tests.fakes.discord.world import FakeGuild
+from tests.fakes.processes import BotProcess, base_env, free_port
 from tests.fakes.telegram.objects import Chat, User
 from tests.fakes.telegram.server import FakeTelegramServer
 
 pytestmark = pytest.mark.parametrize("db_backend", ["postgresql"])
 
-ROOT = Path(__file__).resolve().parents[1]
-START_TIMEOUT = 60.0
 ALICE = User(1001, "Alice", "alice")
 PRIVATE_ALICE = Chat.private(ALICE)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class BotProcess:
-    """`python -m tests.fakes.bot_process` with the given environment; its log is kept."""
-
-    def __init__(self, name: str, env: dict[str, str], cwd: Path) -> None:
-        self.name = name
-        self.env = env
-        self.cwd = cwd
-        self.log: list[str] = []
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
-
-    async def start(self) -> None:
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.fakes.bot_process", "--name", self.name, "--step-delay", "0.02",
-            cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        self._reader = asyncio.create_task(self._read(), name=f"bot-process:{self.name}:log")
-
-    async def _read(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        async for raw in self._proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self.log.append(line)
-            if " ready: " in line:
-                self._ready.set()
-
-    async def wait_ready(self) -> None:
-        assert self._reader is not None
-        ready = asyncio.create_task(self._ready.wait())
-        await asyncio.wait({ready, self._reader}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        if not self._ready.is_set():
-            raise AssertionError(f"bot process {self.name} did not start:\n" + "\n".join(self.log[-30:]))
-
-    async def stop(self) -> int:
-        """SIGTERM, as an orchestrator stops it; returns its exit code."""
-        if self._proc is None:
-            return 0
-        if self._proc.returncode is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self._proc.wait(), 20)
-            except TimeoutError:
-                self._proc.kill()
-                await self._proc.wait()
-        if self._reader is not None:
-            await self._reader
-        assert self._proc.returncode is not None
-        return self._proc.returncode
 
 
 @contextlib.asynccontextmanager
@@ -112,12 +47,6 @@ async def bot_processes(envs: dict[str, dict[str, str]], cwd: Path) -> AsyncIter
             errors = [line for line in p.log if " ERROR " in line or "Traceback" in line]
             assert not errors, f"{name}: " + "\n".join(p.log[-40:])
         assert all(code == 0 for code in codes.values()), codes
-
-
-def base_env(database_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "DISCORD_", "MODEL"))}
-    env.update(DATABASE_URL=database_url, LOG_LEVEL="INFO", PYTHONPATH=str(ROOT))
-    return env
 
 
 async def test_telegram_webhook_updates_of_one_chat_split_across_two_processes(

@@ -51,6 +51,7 @@ def to_event(message: discord.Message, bot_user_id: int) -> IncomingMessage | No
         text=text,
         is_private=is_private,
         timestamp=message.created_at,
+        guild_id=str(message.guild.id) if message.guild is not None else None,
     )
 
 
@@ -65,4 +66,5 @@ def interaction_to_event(interaction: discord.Interaction[Any], text: str) -> In
         text=text,
         is_private=interaction.guild_id is None,
         timestamp=interaction.created_at,
+        guild_id=str(interaction.guild_id) if interaction.guild_id is not None else None,
     )

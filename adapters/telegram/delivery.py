@@ -3,6 +3,14 @@
 Bot API calls are retried below this, by the bot's rate limiter
 (`adapters.telegram.rate_limiter`); here the errors that are left become
 `DeliveryError`, and a group upgraded to a supergroup is followed to its new chat.
+
+Which `DeliveryError`s are permanent: a chat that is gone or refuses the bot (403,
+400 "chat not found", a deleted message) never takes the reply. Flood waits longer
+than the policy's limit, 5xx answers after the retries, timeouts and network failures
+are not permanent: the core keeps the reply and delivers it later. Sends get a
+generous read timeout (`DeliveryChannel.send_timeout`, 30 s): a send whose answer
+timed out is never repeated at once (it may have arrived); with a long timeout that
+takes a Telegram that is really in trouble.
 """
 
 from __future__ import annotations
@@ -15,26 +23,47 @@ from typing import TypeVar
 
 from telegram import Bot, Message, ReplyParameters
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType
-from telegram.error import BadRequest, ChatMigrated, RetryAfter, TelegramError
+from telegram.error import BadRequest, ChatMigrated, Forbidden, NetworkError, RetryAfter, TelegramError, TimedOut
 
-from adapters.telegram.rate_limiter import retry_after_seconds
+from adapters.telegram.rate_limiter import answered_by_server, retry_after_seconds
+from adapters.telegram.transport import NotSent
 from bot.errors import DeliveryError
+from bot.events import IncomingMessage
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 TELEGRAM_MAX_CHARS = 4096
+TELEGRAM_MAX_CAPTION = 1024
+SEND_TIMEOUT = 30.0
 ADMIN_STATUSES = frozenset({ChatMemberStatus.OWNER, ChatMemberStatus.ADMINISTRATOR})
 _NOT_MODIFIED = "message is not modified"
+_GONE = ("chat not found", "message to edit not found", "message to be replied not found", "thread not found")
 
 
 def delivery_error(what: str, exc: TelegramError) -> DeliveryError:
-    """The `DeliveryError` for a Bot API call `what` that failed for good with `exc`."""
+    """The `DeliveryError` for a Bot API call `what` that failed for good with `exc`:
+    permanent or not, and the failure's kind (for metrics)."""
     if isinstance(exc, RetryAfter):
-        return DeliveryError(f"{what}: flood control, retry after {retry_after_seconds(exc):g} s")
+        return DeliveryError(
+            f"{what}: flood control, retry after {retry_after_seconds(exc):g} s", permanent=False, kind="rate_limited"
+        )
     notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
-    return DeliveryError(f"{what}: {exc.message}{notes}")
+    detail = f"{what}: {exc.message}{notes}"
+    if isinstance(exc, Forbidden):
+        return DeliveryError(detail, permanent=True, kind="forbidden")
+    if isinstance(exc, BadRequest):
+        gone = any(text in exc.message.lower() for text in _GONE)
+        return DeliveryError(detail, permanent=True, kind="not_found" if gone else "bad_request")
+    if isinstance(exc, TimedOut):
+        return DeliveryError(detail, permanent=False, kind="timeout")
+    if isinstance(exc, NotSent):
+        return DeliveryError(detail, permanent=False, kind="network")
+    if isinstance(exc, NetworkError):
+        kind = "server_error" if answered_by_server(exc) else "network"
+        return DeliveryError(detail, permanent=False, kind=kind)
+    return DeliveryError(detail, permanent=True, kind="other")
 
 
 @dataclass(slots=True)
@@ -59,23 +88,30 @@ class _AdminCache:
 
 class DeliveryChannel:
     """The running bot that every reply target of one adapter sends through, with the
-    admin cache they share; `close` it when the adapter stops, so late replies fail
-    as `DeliveryError` instead of reaching a bot that is shutting down."""
+    admin cache they share. It outlives one run of the adapter: `close` it when the
+    adapter stops, so late replies fail as a non-permanent `DeliveryError` instead of
+    reaching a bot that is shutting down, and `attach` the new bot when it runs again,
+    so the targets of turns still in progress (or kept to be delivered later) work again."""
 
-    def __init__(self, bot: Bot, *, edit_interval: float, admin_cache_ttl: float) -> None:
+    def __init__(
+        self, bot: Bot | None, *, edit_interval: float, admin_cache_ttl: float, send_timeout: float = SEND_TIMEOUT
+    ) -> None:
         self._bot = bot
         self.edit_interval = edit_interval
+        self.send_timeout = send_timeout
         self.admins = _AdminCache(admin_cache_ttl)
-        self._closed = False
 
     def bot_for(self, what: str) -> Bot:
-        """The bot, to make the Bot API call `what`; `DeliveryError` once closed."""
-        if self._closed:
-            raise DeliveryError(f"{what}: the Telegram adapter has stopped")
+        """The bot, to make the Bot API call `what`; `DeliveryError` while closed."""
+        if self._bot is None:
+            raise DeliveryError(f"{what}: the Telegram adapter has stopped", permanent=False, kind="stopped")
         return self._bot
 
+    def attach(self, bot: Bot) -> None:
+        self._bot = bot
+
     def close(self) -> None:
-        self._closed = True
+        self._bot = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +135,19 @@ class ReplyAddress:
             reply_to=None if is_private else message.message_id,
             thread_id=message.message_thread_id if message.is_topic_message else None,
             sender_chat_id=message.sender_chat.id if message.sender_chat is not None else None,
+        )
+
+    @classmethod
+    def of_event(cls, event: IncomingMessage) -> ReplyAddress:
+        """The address of a message known only as the common event (a turn recovered
+        after a restart). A forum topic's chat id is ``"<chat id>/<topic id>"``."""
+        chat_id = int(event.chat_id.partition("/")[0])
+        return cls(
+            chat_id=chat_id,
+            user_id=int(event.user_id),
+            is_private=event.is_private,
+            reply_to=None if event.is_private else int(event.message_id),
+            thread_id=int(event.thread_id) if event.thread_id is not None else None,
         )
 
 
@@ -135,15 +184,41 @@ class TelegramReplyTarget:
         except TelegramError as exc:
             raise delivery_error(what, exc) from exc
 
+    def _reply_parameters(self) -> ReplyParameters | None:
+        quoted = self._address.reply_to
+        return ReplyParameters(quoted, allow_sending_without_reply=True) if quoted is not None else None
+
     async def send(self, text: str) -> str:
-        address = self._address
-        quoted = address.reply_to
-        reply = ReplyParameters(quoted, allow_sending_without_reply=True) if quoted is not None else None
+        thread_id = self._address.thread_id
+        reply = self._reply_parameters()
+        timeout = self._channel.send_timeout
 
         async def request(bot: Bot, chat_id: int) -> Message:
-            return await bot.send_message(chat_id, text, reply_parameters=reply, message_thread_id=address.thread_id)
+            return await bot.send_message(
+                chat_id, text, reply_parameters=reply, message_thread_id=thread_id, read_timeout=timeout
+            )
 
         message = await self._call("sendMessage", request)
+        return str(message.message_id)
+
+    async def send_file(self, filename: str, data: bytes, caption: str) -> str:
+        thread_id = self._address.thread_id
+        reply = self._reply_parameters()
+        timeout = self._channel.send_timeout
+
+        async def request(bot: Bot, chat_id: int) -> Message:
+            return await bot.send_document(
+                chat_id,
+                data,
+                filename=filename,
+                caption=caption[:TELEGRAM_MAX_CAPTION] or None,
+                reply_parameters=reply,
+                message_thread_id=thread_id,
+                read_timeout=timeout,
+                write_timeout=timeout,
+            )
+
+        message = await self._call("sendDocument", request)
         return str(message.message_id)
 
     async def edit(self, message_id: str, text: str) -> None:

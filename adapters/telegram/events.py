@@ -47,7 +47,8 @@ def to_event(message: Message, bot_username: str, bot_id: int) -> IncomingMessag
     the text), a reply to one of the bot's messages, or a command at the start of the
     message (``/cmd@thisbot`` becomes ``/cmd``; ``/cmd@otherbot`` is not for us).
     Messages without text (photos, stickers, ...) give None. In a forum, each topic is
-    its own chat (``"<chat id>/<topic id>"``), so its conversations are separate.
+    its own chat (``"<chat id>/<topic id>"``), so its conversations are separate, and
+    ``thread_id`` names the topic the reply goes to.
     """
     text = message.text
     user = message.from_user
@@ -89,8 +90,10 @@ def to_event(message: Message, bot_username: str, bot_id: int) -> IncomingMessag
     elif suffix_spans:
         text = _remove_spans(text, suffix_spans)
     chat_id = str(message.chat.id)
+    thread_id: str | None = None
     if message.is_topic_message and message.message_thread_id is not None:
-        chat_id += f"/{message.message_thread_id}"  # a forum topic is a chat of its own
+        thread_id = str(message.message_thread_id)
+        chat_id += f"/{thread_id}"  # a forum topic is a chat of its own
     return IncomingMessage(
         platform="telegram",
         chat_id=chat_id,
@@ -100,6 +103,7 @@ def to_event(message: Message, bot_username: str, bot_id: int) -> IncomingMessag
         text=text,
         is_private=is_private,
         timestamp=message.date,
+        thread_id=thread_id,
     )
 
 

@@ -1,4 +1,10 @@
-"""python-telegram-bot's HTTP transport on aiohttp, with proxies from the environment."""
+"""python-telegram-bot's HTTP transport on aiohttp, with proxies from the environment.
+
+Failures are told apart by whether the request can have reached Telegram: `NotSent`
+(no connection was made: safe to retry even a ``sendMessage``), `ReadTimedOut` (the
+request went out and no answer came in time: it may have been carried out), and
+PTB's plain `NetworkError` for a connection lost mid-request.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,16 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import aiohttp
 from telegram.error import NetworkError, TimedOut
 from telegram.request import BaseRequest, RequestData
+
+
+class NotSent(NetworkError):
+    """The request never reached the server: no connection could be made (refused,
+    unreachable, DNS, or the connect timeout). Retrying it cannot do anything twice."""
+
+
+class ReadTimedOut(TimedOut):
+    """The request was sent but no answer came within the read timeout: Telegram may
+    have carried it out."""
 
 
 class AiohttpRequest(BaseRequest):
@@ -127,13 +143,19 @@ class AiohttpRequest(BaseRequest):
                 if response.status == 401 and self._on_unauthorized is not None:
                     self._on_unauthorized()  # the token no longer works
                 return response.status, await response.read()
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            # Before the subclasses of TimeoutError/ClientError below: nothing was sent.
+            raise NotSent(f"aiohttp.{type(exc).__name__}: {_safe_detail(exc)}") from exc
         except TimeoutError as exc:
-            raise TimedOut from exc
+            raise ReadTimedOut("Timed out waiting for Telegram's answer") from exc
         except aiohttp.ClientError as exc:
-            detail = str(exc)
-            if "/bot" in detail:  # some aiohttp errors quote the URL, and the URL holds the token
-                detail = "request failed"
-            raise NetworkError(f"aiohttp.{type(exc).__name__}: {detail}") from exc
+            raise NetworkError(f"aiohttp.{type(exc).__name__}: {_safe_detail(exc)}") from exc
+
+
+def _safe_detail(exc: Exception) -> str:
+    detail = str(exc)
+    # Some aiohttp errors quote the URL, and the URL holds the token.
+    return "request failed" if "/bot" in detail else detail
 
 
 def _seconds(value: Any, default: float | None) -> float | None:

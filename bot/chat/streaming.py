@@ -1,6 +1,9 @@
 """Streaming a reply into a chat: throttled edits, and splitting at the platform's limit.
 
 Shared by every adapter: the limit and the edit interval come from the `ReplyTarget`.
+A streamer can resume a reply whose first messages a previous run of the bot already
+showed (it edits them instead of sending new ones), and reports each new message it
+sends, so that the messages of a reply are known after a restart.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from bot.ports import ReplyTarget
@@ -72,7 +75,7 @@ def split_message(text: str, limit: int) -> list[str]:
 @dataclass(slots=True)
 class _Sent:
     message_id: str
-    text: str
+    text: str | None  # None: shown before a restart, text unknown (always edited)
 
 
 class ReplyStreamer:
@@ -80,14 +83,27 @@ class ReplyStreamer:
 
     The first message is sent as soon as there is visible text; after that edits are
     throttled to `target.edit_interval`. `finish()` makes every message hold its exact
-    final text. Errors from the target (`DeliveryError`) propagate to the caller.
+    final text. Errors from the target (`DeliveryError`) propagate to the caller, and a
+    later `finish()` picks up where the failed call stopped.
+
+    `shown`: ids of the reply's messages already in the chat (a reply resumed after a
+    restart), edited in place. `on_new_message` is awaited with every message id of the
+    reply each time a new message was sent.
     """
 
-    def __init__(self, target: ReplyTarget, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        target: ReplyTarget,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        shown: Sequence[str] = (),
+        on_new_message: Callable[[list[str]], Awaitable[None]] | None = None,
+    ) -> None:
         self._target = target
         self._clock = clock
         self._text = ""
-        self._sent: list[_Sent] = []
+        self._sent: list[_Sent] = [_Sent(message_id, None) for message_id in shown]
+        self._on_new_message = on_new_message
         self._last_flush = float("-inf")
 
     @property
@@ -105,6 +121,10 @@ class ReplyStreamer:
             return
         if not self._sent or self._clock() - self._last_flush >= self._target.edit_interval:
             await self._flush()
+
+    def add(self, piece: str) -> None:
+        """Add text without showing it yet (the next `finish` shows it)."""
+        self._text += piece
 
     async def finish(self, suffix: str = "") -> None:
         """Write the exact final text (plus `suffix`) into the messages."""
@@ -126,3 +146,5 @@ class ReplyStreamer:
             else:
                 message_id = await self._target.send(chunk)
                 self._sent.append(_Sent(message_id, chunk))
+                if self._on_new_message is not None:
+                    await self._on_new_message(self.message_ids)

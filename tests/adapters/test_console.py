@@ -3,6 +3,7 @@ real default model."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
@@ -47,3 +48,41 @@ def test_terminal_chat_subprocess_answers_resets_and_exits(
     assert "Paris" in proc.stdout
     assert "max_new_tokens = 24" in proc.stdout
     assert "forgot our conversation (2 messages)" in proc.stdout
+
+
+async def test_the_same_line_after_a_restart_is_a_new_message(harness: Harness) -> None:
+    outputs = []
+    for _ in range(2):
+        stdout = io.StringIO()
+        async with harness.manager() as manager:
+            await ConsoleAdapter(io.StringIO("hello again\n"), stdout).run(manager)
+        outputs.append(stdout.getvalue())
+    assert ["Echo: hello again" in out for out in outputs] == [True, True]  # not taken for a redelivery
+
+
+async def test_a_line_accepted_before_a_restart_is_answered_at_start(harness: Harness) -> None:
+    left = to_event("are you back?", "earlier.1", "ann")
+    assert await harness.repo.accept_turn(left, "message", 5) is not None  # then the process died
+    stdout = io.StringIO()
+    adapter = ConsoleAdapter(io.StringIO(""), stdout)
+    async with harness.manager() as manager:
+        await adapter.run(manager)
+        for _ in range(100):  # recovery queues the turn; its answer follows
+            if "Echo: are you back?" in stdout.getvalue():
+                break
+            await asyncio.sleep(0.02)
+    assert "Echo: are you back?" in stdout.getvalue()
+    assert not adapter.connected
+
+
+async def test_a_file_goes_into_the_exports_folder_and_its_path_is_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    stdout = io.StringIO()
+    target = ConsoleAdapter(io.StringIO(""), stdout).target_for(to_event("/export", 1, "ann"))
+    await target.send_file("conversation.md", b"# Conversation\n", "Your conversation")
+    await target.send_file("../../conversation.md", b"second", "")  # never outside exports/, never over a file
+    first, second = tmp_path / "exports" / "conversation.md", tmp_path / "exports" / "conversation-1.md"
+    assert first.read_text() == "# Conversation\n" and second.read_bytes() == b"second"
+    assert f"Your conversation: {first}" in stdout.getvalue() and str(second) in stdout.getvalue()

@@ -3,15 +3,43 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from bot.chat.streaming import ReplyStreamer
 from bot.errors import DeliveryError
-from bot.events import IncomingMessage
+from bot.events import IncomingMessage, Platform
 from bot.ports import ReplyTarget
 
 
-class EchoHandler:
+class TestHandler:
+    """The `IncomingHandler` port around a test's own `handle`: `submit` accepts at once
+    and runs `handle` in a task (the awaitable it returns); `recover` records its calls
+    (``recoveries``: the platform and the adapter's target factory)."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self) -> None:
+        self.recoveries: list[tuple[Platform, Callable[[IncomingMessage], ReplyTarget]]] = []
+        self.moves: list[tuple[str, str, str]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
+        raise NotImplementedError
+
+    async def submit(self, event: IncomingMessage, target: ReplyTarget) -> Awaitable[None]:
+        task = asyncio.create_task(self.handle(event, target), name=f"test-handler:{event.message_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def recover(self, platform: Platform, make_target: Callable[[IncomingMessage], ReplyTarget]) -> None:
+        self.recoveries.append((platform, make_target))
+
+    async def move_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        self.moves.append((platform, old_chat_id, new_chat_id))
+
+
+class EchoHandler(TestHandler):
     """Streams a reply (default ``"Echo: <text>"``) word by word through the core's
     `ReplyStreamer`, as the manager would.
 
@@ -31,12 +59,12 @@ class EchoHandler:
         typing: bool = False,
         reraise: bool = False,
     ) -> None:
+        super().__init__()
         self.events: list[IncomingMessage] = []
         self.targets: list[ReplyTarget] = []
         self.errors: list[DeliveryError] = []
         self.finished: list[str] = []
         self.admin_checks: list[bool] = []
-        self.moves: list[tuple[str, str, str]] = []
         self.gates: dict[str, asyncio.Event] = {}
         self.started: dict[str, asyncio.Event] = {}
         self.reply_for = reply_for or (lambda text: f"Echo: {text}")
@@ -68,9 +96,6 @@ class EchoHandler:
                 raise
             return
         self.finished.append(event.text)
-
-    async def move_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
-        self.moves.append((platform, old_chat_id, new_chat_id))
 
     def texts(self) -> list[str]:
         return [e.text for e in self.events]

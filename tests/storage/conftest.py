@@ -45,7 +45,9 @@ def db_url(database_url: str) -> str:
 # The database engine's connections belong to the loop that opened them: the test's own loop.
 @pytest_asyncio.fixture(loop_scope="function")
 async def db_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    async with open_database(db_url) as engine:
+    # Not in SQLite's exclusive locking mode: some tests hold the write lock from a second
+    # connection (tests/storage/test_database.py checks the bot's exclusive mode itself).
+    async with open_database(db_url, exclusive=False) as engine:
         yield engine
 
 

@@ -149,11 +149,14 @@ def test_the_next_revision_is_written_after_the_newest(tmp_path: Path, monkeypat
     scripts = tmp_path / "migrations"
     shutil.copytree(migrate.MIGRATIONS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(migrate, "MIGRATIONS", scripts)
+    # The newest shipped revision comes before; the new one is numbered after it.
+    newest = max(p.name[:4] for p in (scripts / "versions").glob("[0-9]*_*.py"))
 
     assert migrate.main(["revision", "add a column"]) == 0
 
-    [written] = [p for p in (scripts / "versions").glob("0002_*.py")]
+    expected = f"{int(newest) + 1:04d}"
+    [written] = [p for p in (scripts / "versions").glob(f"{expected}_*.py")]
     source = written.read_text()
-    assert "revision = '0002'" in source or 'revision = "0002"' in source
-    assert "down_revision = '0001'" in source or 'down_revision = "0001"' in source
-    assert migrate.head_revision() == "0002"
+    assert f"revision = '{expected}'" in source or f'revision = "{expected}"' in source
+    assert f"down_revision = '{newest}'" in source or f'down_revision = "{newest}"' in source
+    assert migrate.head_revision() == expected

@@ -233,7 +233,8 @@ async def test_stats_count_users_conversations_with_messages_and_messages(
 async def test_database_failures_raise_storage_error(repo: SqlRepository, db_engine: AsyncEngine) -> None:
     await repo.add_message(ALICE, "user", "q", 1)
     async with db_engine.begin() as connection:
-        await connection.execute(text("DROP TABLE messages"))
+        cascade = " CASCADE" if db_engine.dialect.name == "postgresql" else ""  # turns refer to it
+        await connection.execute(text(f"DROP TABLE messages{cascade}"))
 
     with pytest.raises(StorageError) as info:
         await repo.recent_messages(ALICE, 10)

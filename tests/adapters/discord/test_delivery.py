@@ -35,19 +35,30 @@ def _refusal(kind: type[discord.HTTPException], status: int) -> discord.HTTPExce
 
 
 @pytest.mark.parametrize(
-    ("error", "detail"),
+    ("error", "detail", "permanent", "kind"),
     [
-        (_refusal(discord.Forbidden, 403), "forbidden to send a message in channel 7"),
-        (_refusal(discord.NotFound, 404), "send a message: not found in channel 7"),
-        (_refusal(discord.HTTPException, 400), "send a message failed with HTTP 400 in channel 7"),
-        (aiohttp.ClientConnectionError("reset"), "send a message: ClientConnectionError('reset')"),
-        (OSError("unreachable"), "send a message: OSError('unreachable')"),
+        (_refusal(discord.Forbidden, 403), "forbidden to send a message in channel 7", True, "forbidden"),
+        (_refusal(discord.NotFound, 404), "send a message: not found in channel 7", True, "not_found"),
+        (_refusal(discord.HTTPException, 400), "send a message failed with HTTP 400 in channel 7", True, "bad_request"),
+        (
+            _refusal(discord.DiscordServerError, 503),
+            "send a message failed with HTTP 503 in channel 7",
+            False,
+            "server_error",
+        ),
+        (discord.RateLimited(90.0), "send a message: rate limited for 90 s in channel 7", False, "rate_limited"),
+        (TimeoutError(), "send a message: timed out", False, "timeout"),
+        (aiohttp.ClientConnectionError("reset"), "send a message: ClientConnectionError('reset')", False, "network"),
+        (OSError("unreachable"), "send a message: OSError('unreachable')", False, "network"),
     ],
 )
-def test_discord_refusals_and_network_errors_become_delivery_errors(error: Exception, detail: str) -> None:
+def test_discord_refusals_and_network_errors_become_delivery_errors(
+    error: Exception, detail: str, permanent: bool, kind: str
+) -> None:
     with pytest.raises(DeliveryError) as info, delivery_errors("send a message", 7):
         raise error
     assert str(info.value) == detail
+    assert (info.value.permanent, info.value.kind) == (permanent, kind)
     assert info.value.__cause__ is error
 
 

@@ -16,6 +16,7 @@ from tests.conftest import Harness
 from tests.fakes.discord.rest import EPHEMERAL, LOADING
 from tests.fakes.discord.server import FakeDiscordServer
 from tests.fakes.discord.world import FakeInteraction
+from tests.fakes.echo_handler import TestHandler
 
 
 def _answer(interaction: FakeInteraction) -> str:
@@ -108,7 +109,7 @@ async def test_bot_admin_gets_stats_in_a_direct_message(
     assert used.callbacks[0]["data"]["flags"] & EPHEMERAL
 
 
-class Broken:
+class Broken(TestHandler):
     """A handler with a bug: raises on every message."""
 
     async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:

@@ -99,6 +99,7 @@ def run_adapter(server: FakeTelegramServer) -> RunAdapter:
         retry: RetryPolicy = FAST_RETRY,
         settings: Settings | None = None,
         request_timeout: float = 5.0,
+        send_timeout: float = 30.0,
         **overrides: Any,
     ) -> AsyncIterator[TelegramAdapter]:
         adapter = TelegramAdapter(
@@ -108,6 +109,7 @@ def run_adapter(server: FakeTelegramServer) -> RunAdapter:
             poll_timeout=5.0,
             shutdown_grace=1.0,
             request_timeout=request_timeout,
+            send_timeout=send_timeout,
         )
         task = asyncio.create_task(adapter.run(handler), name="test:telegram-adapter")
         started = asyncio.create_task(adapter.started.wait(), name="test:telegram-started")

@@ -18,6 +18,7 @@ from bot.events import IncomingMessage
 from bot.ports import CommandInfo, ReplyTarget
 from tests.adapters.telegram.chats import ALICE, BOB, CAROL, GROUP, PRIVATE_ALICE, PRIVATE_BOB, SUPERGROUP
 from tests.adapters.telegram.conftest import FAST_RETRY, EchoHandler, RunAdapter, free_port, replied, telegram_settings
+from tests.fakes.echo_handler import TestHandler
 from tests.fakes.telegram import Chat, FakeTelegramServer, scope_key
 
 # --------------------------------------------------------------------------- private chats
@@ -287,7 +288,7 @@ async def test_a_handler_that_crashes_is_logged_and_the_adapter_keeps_serving(
 ) -> None:
     echo = EchoHandler()
 
-    class Fragile:
+    class Fragile(TestHandler):
         async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
             if event.text == "boom":
                 raise RuntimeError("handler bug")

@@ -18,6 +18,7 @@ from bot.events import IncomingMessage
 from bot.ports import ReplyTarget
 from tests.adapters.telegram.chats import ALICE, BOB, CAROL, GROUP, PRIVATE_ALICE, PRIVATE_BOB, SUPERGROUP
 from tests.adapters.telegram.conftest import EchoHandler, RunAdapter
+from tests.fakes.echo_handler import TestHandler
 from tests.fakes.telegram import Chat, FakeTelegramServer
 
 # --------------------------------------------------------------------------- long replies
@@ -83,7 +84,7 @@ async def test_edits_of_unchanged_text_are_ignored_and_of_deleted_messages_fail(
 ) -> None:
     outcomes: list[str] = []
 
-    class Editor:
+    class Editor(TestHandler):
         async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
             message_id = await target.send("same")
             await target.edit(message_id, "same")  # Telegram: 400 message is not modified
@@ -105,7 +106,7 @@ async def test_typing_sends_the_typing_chat_action_to_the_chat(
 ) -> None:
     done = asyncio.Event()
 
-    class Typist:
+    class Typist(TestHandler):
         async def handle(self, event: IncomingMessage, target: ReplyTarget) -> None:
             await target.typing()
             done.set()
@@ -120,11 +121,12 @@ async def test_typing_sends_the_typing_chat_action_to_the_chat(
 # --------------------------------------------------------------------------- chat admins
 
 
-class AdminCheck:
+class AdminCheck(TestHandler):
     """Answers no message: asks `times` times whether its sender is a chat admin, and
     keeps the answers in order and by sender (``"<chat id>:<user id>"``)."""
 
     def __init__(self, times: int = 1) -> None:
+        super().__init__()
         self.times = times
         self.answers: list[bool] = []
         self.by_sender: dict[str, list[bool]] = {}

@@ -134,6 +134,17 @@ def test_each_forum_topic_is_a_chat_of_its_own() -> None:
     assert chat_of(message_thread_id=3) == "-1000000000001"
 
 
+def test_a_forum_topic_message_names_its_topic_so_a_later_reply_finds_it() -> None:
+    def thread_of(**extra: Any) -> str | None:
+        event = to_event(message("@LlmTestBot hi", chat=SUPERGROUP, **extra), "LlmTestBot", BOT_ID)
+        assert event is not None
+        return event.thread_id
+
+    assert thread_of(message_thread_id=5, is_topic_message=True) == "5"
+    assert thread_of() is None
+    assert thread_of(message_thread_id=3) is None  # a reply thread, not a topic
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -11,6 +11,7 @@ import pytest
 from telegram.error import BadRequest, ChatMigrated, Forbidden, NetworkError, RetryAfter, TelegramError, TimedOut
 
 from adapters.telegram.rate_limiter import ApiResult, RetryingRateLimiter, RetryPolicy
+from adapters.telegram.transport import NotSent, ReadTimedOut
 from bot.errors import DeliveryError
 from tests.adapters.telegram.chats import ALICE, PRIVATE_ALICE
 from tests.adapters.telegram.conftest import FAST_RETRY, EchoHandler, RunAdapter
@@ -86,13 +87,15 @@ class Script:
             raise self.errors.pop(0)
         return True
 
-    async def run(self, policy: RetryPolicy, monkeypatch: pytest.MonkeyPatch) -> ApiResult:
+    async def run(
+        self, policy: RetryPolicy, monkeypatch: pytest.MonkeyPatch, endpoint: str = "sendMessage"
+    ) -> ApiResult:
         async def no_wait(seconds: float) -> None:
             self.waits.append(seconds)
 
         monkeypatch.setattr(asyncio, "sleep", no_wait)
         limiter = RetryingRateLimiter(policy)
-        return await limiter.process_request(self, ("sendMessage", {"chat_id": 1}), {}, "sendMessage", {}, None)
+        return await limiter.process_request(self, (endpoint, {"chat_id": 1}), {}, endpoint, {}, None)
 
 
 def flood(seconds: float) -> RetryAfter:
@@ -105,8 +108,34 @@ def test_backoff_doubles_up_to_the_maximum() -> None:
 
 async def test_network_errors_are_retried_with_backoff_and_succeed(monkeypatch: pytest.MonkeyPatch) -> None:
     script = Script(TimedOut(), NetworkError("Bad Gateway"))
-    assert await script.run(RetryPolicy(), monkeypatch) is True
+    assert await script.run(RetryPolicy(), monkeypatch, endpoint="editMessageText") is True
     assert (script.calls, script.waits) == (3, [0.5, 1.0])
+
+
+def _from_transport(error: NetworkError) -> NetworkError:
+    """`error` as the transport raises it: from the aiohttp exception underneath."""
+    error.__cause__ = OSError("underneath")
+    return error
+
+
+async def test_a_send_is_retried_only_when_it_cannot_have_reached_telegram(monkeypatch: pytest.MonkeyPatch) -> None:
+    never_sent = Script(
+        _from_transport(NotSent("aiohttp.ClientConnectorError: refused")),
+        NetworkError("Internal Server Error (500)"),  # Telegram's own answer: not carried out
+        flood(1),
+    )
+    assert await never_sent.run(RetryPolicy(), monkeypatch) is True
+    assert never_sent.calls == 4
+
+    for maybe_sent in (_from_transport(ReadTimedOut()), _from_transport(NetworkError("aiohttp.ServerDisconnected"))):
+        script = Script(maybe_sent)
+        with pytest.raises(NetworkError) as caught:
+            await script.run(RetryPolicy(), monkeypatch)
+        assert caught.value is maybe_sent and script.calls == 1
+        assert caught.value.__notes__ == ["not retried: Telegram may have carried it out"]
+    # An edit shows the same text however often it is repeated.
+    edit = Script(_from_transport(ReadTimedOut()))
+    assert await edit.run(RetryPolicy(), monkeypatch, endpoint="editMessageText") is True
 
 
 async def test_network_errors_that_do_not_go_away_are_raised_noting_the_retries(

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from bot.chat import conversation
 from bot.chat.conversation import ConversationManager
-from bot.events import ConversationKey
+from bot.events import ConversationKey, IncomingMessage
 from storage.repository import SqlRepository
 from tests.adapters.telegram.chats import ALICE, BOB, CAROL, GROUP, PRIVATE_ALICE, PRIVATE_BOB
-from tests.adapters.telegram.conftest import RunAdapter
+from tests.adapters.telegram.conftest import RunAdapter, free_port
 from tests.conftest import Harness
 from tests.fakes.fake_engine import SPECIAL_BASE, FakeEngine
 from tests.fakes.telegram import Chat, FakeTelegramServer, User
@@ -212,3 +214,116 @@ async def test_history_and_settings_follow_a_group_upgraded_to_a_supergroup(
     ]
     # Nothing stays behind under the old chat id (a fresh repository: no cached ids).
     assert await SqlRepository.from_engine(harness.db).recent_messages(tg_key(GROUP, ALICE.id), 10) == []
+
+
+# --------------------------------------------------------------------------- nothing lost, nothing twice
+
+
+async def test_a_polling_update_delivered_again_after_a_restart_is_answered_once(
+    server: FakeTelegramServer, run_adapter: RunAdapter, harness: Harness
+) -> None:
+    settings = overrides(server)
+    async with harness.manager(**settings) as manager:
+        async with run_adapter(manager, settings=harness.settings(**settings)):
+            sent = server.user_sends(PRIVATE_BOB, BOB, "answer me once")
+            await server.wait_for(lambda: server.bot_texts(BOB.id) == ["Echo: answer me once"])
+        # The process died before its next getUpdates confirmed the batch: Telegram
+        # delivers the update again to the next start.
+        server.updates.append({"update_id": sent.update_id, "message": sent.json})
+        async with run_adapter(manager, settings=harness.settings(**settings)):
+            await server.wait_for(lambda: server.pending_updates == 0)
+            await ask(server, PRIVATE_BOB, BOB, "and this one", "Echo: and this one")
+    assert server.bot_texts(BOB.id) == ["Echo: answer me once", "Echo: and this one"]
+    stored = await harness.repo.recent_messages(tg_key(PRIVATE_BOB, BOB.id), 10)
+    assert [m.content for m in stored] == [
+        "answer me once",
+        "Echo: answer me once",
+        "and this one",
+        "Echo: and this one",
+    ]
+
+
+async def test_a_webhook_call_telegram_repeats_is_answered_once(
+    server: FakeTelegramServer, run_adapter: RunAdapter, harness: Harness
+) -> None:
+    port = free_port()
+    settings = overrides(
+        server,
+        telegram_webhook_url=f"http://127.0.0.1:{port}/hook",
+        telegram_webhook_listen="127.0.0.1",
+        telegram_webhook_port=port,
+    )
+    async with harness.manager(**settings) as manager, run_adapter(manager, settings=harness.settings(**settings)):
+        sent = server.user_sends(PRIVATE_BOB, BOB, "via the webhook")
+        await server.wait_for(lambda: server.bot_texts(BOB.id) == ["Echo: via the webhook"])
+        # Telegram did not see the 200 in time and posts the same update again.
+        server.deliver_to_webhook({"update_id": sent.update_id, "message": sent.json})
+        await server.wait_for(lambda: len(server.webhook_deliveries) == 2)
+        await ask(server, PRIVATE_BOB, BOB, "next", "Echo: next")
+    assert server.bot_texts(BOB.id) == ["Echo: via the webhook", "Echo: next"]
+
+
+async def test_a_reply_telegram_refuses_with_5xx_is_kept_and_delivered_later(
+    server: FakeTelegramServer, run_adapter: RunAdapter, harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(conversation, "REDELIVERY_DELAYS_S", (0.3,))
+    server.fail_next("sendMessage", status=500, times=4)  # more than the retries
+    settings = overrides(server)
+    async with harness.manager(**settings) as manager, run_adapter(manager, settings=harness.settings(**settings)):
+        server.user_sends(PRIVATE_BOB, BOB, "are you there")
+        await server.wait_for(lambda: server.bot_texts(BOB.id) == ["Echo: are you there"], timeout=10)
+        for _ in range(100):  # until the late delivery is recorded too
+            if not await harness.repo.open_turns("telegram"):
+                break
+            await asyncio.sleep(0.05)
+    assert [c.status for c in server.calls_to("sendMessage")] == [500, 500, 500, 500, 200]
+    stored = await harness.repo.recent_messages(tg_key(PRIVATE_BOB, BOB.id), 10)
+    assert [m.content for m in stored] == ["are you there", "Echo: are you there"]
+
+
+async def test_a_send_whose_answer_timed_out_is_not_repeated_at_once(
+    server: FakeTelegramServer, run_adapter: RunAdapter, harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(conversation, "REDELIVERY_DELAYS_S", (1.5,))
+    server.delay_next("sendMessage", 1.0)  # carried out, answered after the client gave up
+    settings = overrides(server)
+    async with (
+        harness.manager(**settings) as manager,
+        run_adapter(manager, settings=harness.settings(**settings), send_timeout=0.3),
+    ):
+        server.user_sends(PRIVATE_BOB, BOB, "slow telegram")
+        await server.wait_for(lambda: len(server.calls_to("sendMessage")) == 1)
+        await asyncio.sleep(1.0)  # the timed-out send is not retried on the spot
+        assert len(server.calls_to("sendMessage")) == 1
+        await server.wait_for(lambda: "Echo: slow telegram" in server.bot_texts(BOB.id), timeout=10)
+    # The late answer is the whole reply, once; what the timed-out send showed stays a
+    # prefix of it (the documented price of never losing a reply).
+    texts = server.bot_texts(BOB.id)
+    assert texts.count("Echo: slow telegram") == 1 and len(texts) <= 2
+    assert all("Echo: slow telegram".startswith(t) for t in texts)
+
+
+async def test_a_turn_accepted_before_a_restart_is_answered_in_its_forum_topic(
+    server: FakeTelegramServer, run_adapter: RunAdapter, harness: Harness
+) -> None:
+    forum = Chat.supergroup(-1_000_000_000_556, "Forum")
+    asked = server.user_sends(forum, BOB, "@LlmTestBot what did I miss?")
+    event = IncomingMessage(
+        platform="telegram",
+        chat_id=f"{forum.id}/12",
+        user_id=str(BOB.id),
+        display_name="Bob",
+        message_id=str(asked.message_id),
+        text="what did I miss?",
+        is_private=False,
+        timestamp=datetime.now(UTC),
+        thread_id="12",
+    )
+    assert await harness.repo.accept_turn(event, "message", 4) is not None  # then the process died
+    server.updates.clear()  # that update was confirmed before the crash
+    settings = overrides(server)
+    async with harness.manager(**settings) as manager, run_adapter(manager, settings=harness.settings(**settings)):
+        await server.wait_for(lambda: server.bot_texts(forum.id) == ["Echo: what did I miss?"])
+    (reply,) = server.bot_messages(forum.id)
+    assert (reply.reply_to, reply.thread_id) == (asked.message_id, 12)
+    assert await harness.repo.open_turns("telegram") == []

@@ -4,6 +4,7 @@ real worker around a deterministic fake engine."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -159,14 +160,23 @@ async def test_a_failed_generation_apologises_and_keeps_the_user_message(harness
     ]
 
 
-async def test_a_full_queue_tells_the_user_the_bot_is_busy(harness: Harness) -> None:
+async def test_beyond_max_pending_messages_users_are_told_busy_and_nothing_is_stored(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
     harness.engine.step_delay = 0.05
-    async with harness.manager(max_batch_size=1, queue_size=1) as manager:
-        targets = [RecordingTarget() for _ in range(4)]
-        await asyncio.gather(*(manager.handle(msg(f"hello {i}", user=f"u{i}"), t) for i, t in enumerate(targets)))
-    busy = [t for t in targets if "busy" in t.text]
-    answered = [t for t in targets if t.text.startswith("Echo:")]
-    assert busy and answered and len(busy) + len(answered) == 4
+    # A model queue far smaller than the burst: accepted turns wait for it, never refused.
+    async with harness.manager(max_batch_size=1, queue_size=1, max_pending_messages=3) as manager:
+        targets = [RecordingTarget() for _ in range(5)]
+        with caplog.at_level(logging.INFO, logger="bot.chat.conversation"):
+            await asyncio.gather(*(manager.handle(msg(f"hello {i}", user=f"u{i}"), t) for i, t in enumerate(targets)))
+    assert [t.text for t in targets[:3]] == [f"Echo: hello {i}" for i in range(3)]  # in arrival order
+    assert all("busy" in t.text for t in targets[3:])
+    for i in (3, 4):  # refused: not stored, so no later prompt carries an unanswered turn
+        assert await harness.repo.recent_messages(key(user=f"u{i}"), 5) == []
+    assert (await harness.repo.stats()).messages == 6
+    refusals = [r for r in caplog.records if r.getMessage().startswith("busy: refused")]
+    assert len(refusals) == 2
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in refusals)
 
 
 async def test_an_empty_reply_is_shown_as_a_note_and_not_stored(harness: Harness) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 
-from bot.chat.session import SESSION_SETTINGS, SessionSettings, SessionStore
+from bot.chat.session import CHAT_SETTINGS, SESSION_SETTINGS, SessionSettings, SessionStore
 from bot.events import ConversationKey
 from tests.conftest import Harness
 
@@ -52,3 +53,53 @@ async def test_overrides_are_read_once_per_session_and_the_cache_is_bounded(harn
     # ...until another session pushes it out of the one-entry cache.
     await store.effective(ConversationKey("telegram", "c1", "u2"))
     assert (await store.effective(KEY)).history_turns == 4
+
+
+async def test_a_turn_runs_with_defaults_under_the_chat_under_the_session(harness: Harness) -> None:
+    store = SessionStore(DEFAULTS, harness.repo)
+    await store.set_chat("telegram", "c1", "system_prompt", "Chat rules.")
+    await store.set_chat("telegram", "c1", "temperature", 0.7)
+    await store.set(KEY, "temperature", 1.1)
+    assert await store.effective(KEY) == dataclasses.replace(DEFAULTS, system_prompt="Chat rules.", temperature=1.1)
+    neighbour = ConversationKey("telegram", "c1", "u2")
+    assert await store.effective(neighbour) == dataclasses.replace(
+        DEFAULTS, system_prompt="Chat rules.", temperature=0.7
+    )
+    assert await store.effective(ConversationKey("telegram", "c2", "u1")) == DEFAULTS  # a session is per chat
+    assert await store.effective(ConversationKey("discord", "c1", "u2")) == DEFAULTS
+    await store.clear_chat("telegram", "c1")
+    assert await store.effective(neighbour) == DEFAULTS
+
+
+async def test_the_chat_switch_is_cached_and_seen_at_once_after_a_change(harness: Harness) -> None:
+    store = SessionStore(DEFAULTS, harness.repo)
+    assert await store.chat_enabled("telegram", "c1") is True
+    await store.set_chat("telegram", "c1", "enabled", CHAT_SETTINGS["enabled"].parse("off"))
+    assert await store.chat_enabled("telegram", "c1") is False
+    assert await harness.repo.get_chat_settings("telegram", "c1") == {"enabled": 0}
+    # Written behind the store's back: the cached value is served (no read per message)...
+    await harness.repo.set_chat_setting("telegram", "c1", "enabled", 1)
+    assert await store.chat_enabled("telegram", "c1") is False
+    # ...and a store that does not cache (a shared database) sees it at once.
+    assert await SessionStore(DEFAULTS, harness.repo, cache=False).chat_enabled("telegram", "c1") is True
+
+
+async def test_a_bad_stored_switch_leaves_the_bot_on_with_a_log_line(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    await harness.repo.set_chat_setting("telegram", "c1", "enabled", "perhaps")
+    with caplog.at_level(logging.WARNING, logger="bot.chat.session"):
+        assert await SessionStore(DEFAULTS, harness.repo).chat_enabled("telegram", "c1") is True
+    assert "enabled='perhaps'" in caplog.text
+
+
+@pytest.mark.parametrize(("raw", "value"), [("true", 1), ("On", 1), ("yes", 1), ("1", 1), ("false", 0), ("OFF", 0)])
+def test_the_chat_switch_takes_the_usual_words(raw: str, value: int) -> None:
+    assert CHAT_SETTINGS["enabled"].parse(raw) == value
+
+
+def test_the_chat_switch_refuses_other_words_and_is_a_chat_only_key() -> None:
+    with pytest.raises(ValueError, match="true or false"):
+        CHAT_SETTINGS["enabled"].parse("maybe")
+    assert "enabled" not in SESSION_SETTINGS
+    assert set(CHAT_SETTINGS) == {*SESSION_SETTINGS, "enabled"}

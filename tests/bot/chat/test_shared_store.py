@@ -83,7 +83,8 @@ async def test_stats_count_what_every_process_stored(harness: Harness) -> None:
         await b.manager.handle(incoming("two", user="u2"), RecordingTarget())
         stats = RecordingTarget()
         await a.manager.handle(incoming("/stats", user="admin"), stats)
-    assert "Users: 2" in stats.text and "Messages: 4" in stats.text
+    # The admin is a user too: the /stats command is stored as a turn of their conversation.
+    assert "Users: 3" in stats.text and "Messages: 4" in stats.text
     assert "Tokens generated (this process)" in stats.text
 
 

@@ -375,13 +375,15 @@ async def test_requests_beyond_the_concurrency_wait_in_the_bounded_queue_then_ge
             peak = max(peak, server.streaming_now)
             await asyncio.sleep(0.005)
 
-    async with remote_core(harness, server, openai_max_concurrency=2, queue_size=2) as core:
+    # The manager lets no more than the backend's concurrency + queue reach it: accepted
+    # messages wait in the bot; beyond MAX_PENDING_MESSAGES they are refused as busy.
+    async with remote_core(harness, server, openai_max_concurrency=2, queue_size=2, max_pending_messages=5) as core:
         watcher = asyncio.create_task(watch())
-        targets = await asyncio.gather(*(say(core, f"q{i}", user=f"u{i}") for i in range(6)))
+        targets = await asyncio.gather(*(say(core, f"q{i}", user=f"u{i}") for i in range(7)))
         watcher.cancel()
     busy = [t for t in targets if "busy" in t.text]
     answered = [t for t in targets if t.text.startswith("w w")]
-    assert len(answered) == 4 and len(busy) == 2  # 2 in flight + 2 waiting; the rest are told
+    assert len(answered) == 5 and len(busy) == 2
     assert peak == 2
 
 

@@ -78,6 +78,9 @@ class Gateway:
         self.identifies: list[Json] = []
         self.resumes: list[Json] = []
         self.connections: set[Connection] = set()
+        self.refuse_handshakes = 0
+        """How many of the next connections are refused before the WebSocket handshake
+        (HTTP 503), as a gateway in trouble would."""
         self._sessions: dict[str, Session] = {}
 
     @property
@@ -133,6 +136,11 @@ class Gateway:
     # ------------------------------------------------------------------ the WebSocket
 
     async def serve(self, request: web.Request) -> web.StreamResponse:
+        if self.refuse_handshakes > 0:
+            self.refuse_handshakes -= 1
+            self.queries.append(dict(request.query))
+            await self._notify()
+            return web.Response(status=503, text="gateway unavailable")
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         self.queries.append(dict(request.query))

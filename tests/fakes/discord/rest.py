@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from tests.fakes.discord.gateway import Gateway
-from tests.fakes.discord.world import FakeChannel, FakeInteraction, FakeWorld, Json, iso
+from tests.fakes.discord.world import FakeAttachment, FakeChannel, FakeInteraction, FakeUpload, FakeWorld, Json, iso
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class RestCall:
     json: Any
     status: int
     at: float  # time.monotonic()
+    files: tuple[FakeAttachment, ...] = ()  # the files of a multipart request
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +76,9 @@ def _invalid_form(field: str, code: str, message: str) -> Reply:
     return 400, {"message": "Invalid Form Body", "code": 50035, "errors": errors}
 
 
-def _content_error(content: Any) -> Reply | None:
+def _content_error(content: Any, *, with_files: bool = False) -> Reply | None:
+    if with_files and content in (None, ""):
+        return None  # a message may be just a file
     if not isinstance(content, str) or not content:
         return 400, {"message": "Cannot send an empty message", "code": 50006}
     if len(content) > 2000:
@@ -83,10 +86,10 @@ def _content_error(content: Any) -> Reply | None:
     return None
 
 
-def _edit_content(message: Json, body: Any) -> Reply | None:
+def _edit_content(message: Json, body: Any, *, with_files: bool = False) -> Reply | None:
     """Apply an edit's new content, if any; the error when Discord would refuse it."""
-    if "content" in body:
-        error = _content_error(body["content"])
+    if "content" in body and not (with_files and body["content"] is None):
+        error = _content_error(body["content"], with_files=with_files)
         if error is not None:
             return error
         message["content"] = body["content"]
@@ -104,10 +107,15 @@ class RestApi:
         self.calls: list[RestCall] = []
         self.unknown_routes: list[tuple[str, str]] = []
         self._fail_next: dict[int, list[int]] = {}
+        self._fail_after: dict[int, list[int]] = {}
+        self._nonces: dict[tuple[int, str], Json] = {}
         self._listeners: list[Callable[[RestCall], None]] = []
 
     def fail_next_message(self, channel: FakeChannel, status: int) -> None:
         self._fail_next.setdefault(channel.id, []).append(status)
+
+    def fail_after_next_message(self, channel: FakeChannel, status: int) -> None:
+        self._fail_after.setdefault(channel.id, []).append(status)
 
     def add_listener(self, listener: Callable[[RestCall], None]) -> None:
         self._listeners.append(listener)
@@ -132,14 +140,25 @@ class RestApi:
         """A request under /api/v10: routed, recorded in `calls`, and answered."""
         path = "/" + request.match_info["tail"]
         body: Any = None
-        if request.can_read_body:
+        files: list[FakeAttachment] = []
+        if request.content_type == "multipart/form-data":  # discord.py sends files so
+            form = await request.post()
+            payload = form.get("payload_json")
+            body = json.loads(payload) if isinstance(payload, str) else {}
+            for value in form.values():
+                if isinstance(value, web.FileField):
+                    files.append(FakeAttachment(value.filename, value.file.read(), value.content_type))
+            body["_files"] = files
+        elif request.can_read_body:
             raw = await request.read()
             if request.content_type == "application/json" and raw:
                 body = json.loads(raw)
             elif raw:
                 body = {"_raw": raw.decode(errors="replace")[:2000]}
         status, reply = await self._dispatch(request, path, body)
-        call = RestCall(request.method, path, dict(request.query), body, status, time.monotonic())
+        if files:
+            body.pop("_files", None)
+        call = RestCall(request.method, path, dict(request.query), body, status, time.monotonic(), tuple(files))
         self.calls.append(call)
         for listener in self._listeners:
             listener(call)
@@ -228,7 +247,11 @@ class RestApi:
             if status == 403:
                 return 403, {"message": "Missing Permissions", "code": 50013}
             return status, {"message": f"{status}: scripted failure", "code": 0}
-        error = _content_error((body or {}).get("content"))
+        nonce = body.get("nonce")
+        if body.get("enforce_nonce") and nonce is not None and (channel.id, str(nonce)) in self._nonces:
+            return 200, self._nonces[(channel.id, str(nonce))]  # Discord: the same message again
+        files: list[FakeAttachment] = body.get("_files") or []
+        error = _content_error(body.get("content"), with_files=bool(files))
         if error is not None:
             return error
         reference: Json | None = None
@@ -241,10 +264,20 @@ class RestApi:
                 reference = self._world.messages[ref_id]
         ping = bool((body.get("allowed_mentions") or {}).get("replied_user", True))
         data = self._world.message_payload(
-            channel, self._world.bot, body["content"], reference=reference, ping_reply=ping
+            channel, self._world.bot, body.get("content") or "", reference=reference, ping_reply=ping, attachments=files
         )
         self._world.messages[int(data["id"])] = data
+        for file in files:
+            self._world.uploads.append(
+                FakeUpload(channel.id, int(data["id"]), file.filename, file.data, data["content"], False)
+            )
+        if nonce is not None:
+            self._nonces[(channel.id, str(nonce))] = data
         await self._echo("MESSAGE_CREATE", channel, data)
+        late = self._fail_after.get(channel.id)
+        if late:  # carried out, but the answer is an error (a proxy in trouble)
+            status = late.pop(0)
+            return status, {"message": f"{status}: scripted failure after the fact", "code": 0}
         return 200, data
 
     @_route("PATCH", r"/channels/(\d+)/messages/(\d+)")
@@ -293,6 +326,8 @@ class RestApi:
                     **command,
                 }
             )
+            if self._world.sync_without_ids:
+                del out[-1]["id"]
         self._world.synced_commands = out
         return 200, out
 
@@ -348,21 +383,36 @@ class RestApi:
         interaction = self._interaction_by_token(token)
         if interaction is None or interaction.original is None:
             return 404, {"message": "Unknown Webhook", "code": 10015}
-        error = _edit_content(interaction.original, body)
+        files: list[FakeAttachment] = body.pop("_files", None) or []
+        error = _edit_content(interaction.original, body, with_files=bool(files))
         if error is not None:
             return error
+        self._attach(interaction, interaction.original, files)
         interaction.original["flags"] = int(interaction.original["flags"]) & ~LOADING
         return 200, interaction.original
+
+    def _attach(self, interaction: FakeInteraction, message: Json, files: list[FakeAttachment]) -> None:
+        """Files of a slash command's answer."""
+        for file in files:
+            message["attachments"].append(self._world._attachment_payload(interaction.channel, file))
+            ephemeral = bool(int(message["flags"]) & EPHEMERAL)
+            self._world.uploads.append(
+                FakeUpload(
+                    interaction.channel.id, int(message["id"]), file.filename, file.data, message["content"], ephemeral
+                )
+            )
 
     @_route("POST", r"/webhooks/(\d+)/([^/]+)", bot_auth=False)
     async def _followup(self, body: Any, application_id: str, token: str) -> Reply:
         interaction = self._interaction_by_token(token)
         if interaction is None or not interaction.callbacks:
             return 404, {"message": "Unknown Webhook", "code": 10015}
-        error = _content_error(body.get("content"))
+        files: list[FakeAttachment] = body.pop("_files", None) or []
+        error = _content_error(body.get("content"), with_files=bool(files))
         if error is not None:
             return error
-        message = self._interaction_message(interaction, body["content"], int(body.get("flags", 0)))
+        message = self._interaction_message(interaction, body.get("content") or "", int(body.get("flags", 0)))
+        self._attach(interaction, message, files)
         interaction.followups.append(message)
         return 200, message
 

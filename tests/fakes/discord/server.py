@@ -188,6 +188,12 @@ class FakeDiscordServer(FakeWorld):
         """The bot's next create-message in `channel` fails (403: Missing Permissions)."""
         self.rest.fail_next_message(channel, status)
 
+    async def send_malformed_event(self, channel: FakeChannel) -> None:
+        """A MESSAGE_CREATE without its author: a payload discord.py cannot parse."""
+        data = self.message_payload(channel, self.users[next(iter(self.users))], "no author", gateway=True)
+        del data["author"]
+        await self.gateway.dispatch_message_event("MESSAGE_CREATE", channel, data)
+
     async def drop_gateway(self, code: int = 4000) -> None:
         """Close every gateway connection (4000 = Discord's resumable "unknown error")."""
         for conn in list(self.gateway.connections):

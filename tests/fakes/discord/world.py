@@ -246,6 +246,22 @@ class FakeAttachment:
     content_type: str | None = None
 
 
+@dataclass(frozen=True)
+class FakeUpload:
+    """A file the bot sent: in a channel message, or in a slash command's answer."""
+
+    channel_id: int
+    message_id: int
+    filename: str
+    data: bytes
+    content: str
+    ephemeral: bool
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8")
+
+
 class FakeWorld:
     """Everything the fake Discord knows. `FakeDiscordServer` is one, served over HTTP."""
 
@@ -266,6 +282,10 @@ class FakeWorld:
         self.attachments: dict[int, bytes] = {}
         self.interactions: dict[int, FakeInteraction] = {}
         self.synced_commands: list[Json] | None = None
+        self.sync_without_ids = False
+        """True: the command sync answers without the commands' ids (a Discord-compatible
+        server that does not quite follow Discord)."""
+        self.uploads: list[FakeUpload] = []
         self.cdn_base = "http://127.0.0.1:0"
         """Where attachments are downloaded from (the server sets it when it starts)."""
 

@@ -16,6 +16,8 @@ from tests.fakes.telegram.objects import (
     MAX_TEXT,
     NOT_MODIFIED,
     ApiError,
+    FilePart,
+    Upload,
     bad_request,
     commands_key,
     int_param,
@@ -23,6 +25,9 @@ from tests.fakes.telegram.objects import (
 )
 from tests.fakes.telegram.world import TelegramWorld
 
+TERMINATED_BY_OTHER_POLL = (
+    "Conflict: terminated by other getUpdates request; make sure that only one bot instance is running"
+)
 _CHAT_ACTIONS = frozenset(
     {
         "typing",
@@ -97,8 +102,15 @@ class BotApiMethods:
         if offset:
             self._world.confirmed = max(self._world.confirmed, offset)
             self._world.updates = [u for u in self._world.updates if u["update_id"] >= offset]
+        # As Telegram does, a new getUpdates ends one still waiting with 409: two
+        # processes polling one token keep ending each other's polls.
+        self._world.polls += 1
+        poll = self._world.polls
+        self._world.new_update.fire()
         deadline = time.monotonic() + timeout
         while True:
+            if self._world.polls != poll:
+                raise ApiError(409, TERMINATED_BY_OTHER_POLL)
             ready = [u for u in self._world.updates if u["update_id"] >= offset][:limit]
             remaining = deadline - time.monotonic()
             if ready or remaining <= 0 or self._world.closed:
@@ -131,6 +143,52 @@ class BotApiMethods:
         stored.parse_mode = params.get("parse_mode")
         if self._world.on_bot_text is not None:
             self._world.on_bot_text(stored)
+        return body
+
+    async def _api_senddocument(self, params: JSON) -> JSON:
+        chat = self._world.chat_for(params)
+        document = params.get("document")
+        if not isinstance(document, FilePart):  # a file_id or URL: not needed by the bot
+            raise bad_request("wrong file identifier/HTTP URL specified")
+        if not document.data:
+            raise bad_request("file must be non-empty")
+        caption = params.get("caption")
+        if isinstance(caption, str) and len(caption) > 1024:
+            raise bad_request("message caption is too long")
+        reply = params.get("reply_parameters")
+        reply_to = int_param(reply.get("message_id")) if isinstance(reply, dict) else None
+        if reply_to is not None and self._world.find_message(chat.id, reply_to) is None:
+            reply_to = None  # the bot always allows sending without the reply
+        body = self._world.new_message(
+            chat,
+            {
+                "from": self._world.bot.to_json(),
+                "document": {
+                    "file_id": f"doc-{len(self._world.uploads) + 1}",
+                    "file_unique_id": f"udoc{len(self._world.uploads) + 1}",
+                    "file_name": document.filename,
+                    "mime_type": document.content_type,
+                    "file_size": len(document.data),
+                },
+            },
+        )
+        if isinstance(caption, str):
+            body["caption"] = caption
+        thread_id = int_param(params.get("message_thread_id"))
+        if thread_id is not None:
+            body["message_thread_id"] = thread_id
+        stored = self._world.store(chat.id, body, from_bot=True, reply_to=reply_to)
+        self._world.uploads.append(
+            Upload(
+                chat.id,
+                stored.message_id,
+                document.filename,
+                document.data,
+                caption if isinstance(caption, str) else None,
+                reply_to,
+                thread_id,
+            )
+        )
         return body
 
     async def _api_editmessagetext(self, params: JSON) -> JSON:

@@ -119,6 +119,32 @@ class StoredMessage:
     update_id: int | None = None  # of the update that delivered a user's message
 
 
+@dataclass(frozen=True, slots=True)
+class FilePart:
+    """A file uploaded in a multipart request (``sendDocument``'s ``document``)."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A file the bot sent into a chat."""
+
+    chat_id: int
+    message_id: int
+    filename: str
+    data: bytes
+    caption: str | None
+    reply_to: int | None
+    thread_id: int | None
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8")
+
+
 @dataclass(slots=True)
 class ApiError(Exception):
     """A Bot API error answer: its HTTP status, description and ``parameters``."""

@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.fakes.telegram.methods import BotApiMethods
-from tests.fakes.telegram.objects import JSON, ApiError, Call
+from tests.fakes.telegram.objects import JSON, ApiError, Call, FilePart
 from tests.fakes.telegram.world import TelegramWorld
 
 logger = logging.getLogger(__name__)
@@ -140,10 +140,13 @@ class FakeTelegramServer(TelegramWorld):
             body = await request.json()
             return dict(body) if isinstance(body, dict) else {}
         raw = dict(request.query)
+        params: JSON = {}
         if request.can_read_body:
             form = await request.post()
             raw.update({k: v for k, v in form.items() if isinstance(v, str)})
-        params: JSON = {}
+            for key, value in form.items():
+                if isinstance(value, web.FileField):  # a multipart upload
+                    params[key] = FilePart(value.filename, value.content_type, value.file.read())
         for key, value in raw.items():
             if key in _STRING_FIELDS:
                 params[key] = value

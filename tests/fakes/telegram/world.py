@@ -17,6 +17,7 @@ from tests.fakes.telegram.objects import (
     Call,
     Chat,
     StoredMessage,
+    Upload,
     User,
     bad_request,
     int_param,
@@ -61,12 +62,14 @@ class TelegramWorld(ABC):
         self.bot = User(bot_id, bot_name, username=bot_username, is_bot=True)
         self.calls: list[Call] = []
         self.commands: dict[str, list[JSON]] = {}  # scope (as JSON text) -> commands
+        self.uploads: list[Upload] = []  # files the bot sent (sendDocument), oldest first
         self.webhook: JSON | None = None
         self.update_available_at: dict[int, float] = {}  # update_id -> perf_counter()
         self.on_bot_text: Callable[[StoredMessage], None] | None = None
         """Called whenever a bot message gets its text (sent or edited), as it happens."""
         self.updates: list[JSON] = []  # not yet confirmed by a getUpdates offset
         self.confirmed = 0  # the highest getUpdates offset so far
+        self.polls = 0  # getUpdates calls so far: a newer one ends an older one still waiting
         self.new_update = Pulse()
         self.changed = Pulse()  # after every API call and webhook delivery
         self.closed = False  # long polls return at once
@@ -237,8 +240,9 @@ class TelegramWorld(ABC):
         return [m for m in self.messages(chat_id) if m.from_bot]
 
     def bot_texts(self, chat_id: int) -> list[str]:
-        """What the bot's messages in the chat say now, oldest first."""
-        return [m.text or "" for m in self.bot_messages(chat_id)]
+        """What the bot's text messages in the chat say now, oldest first (files it
+        sent are in `uploads`)."""
+        return [m.text or "" for m in self.bot_messages(chat_id) if "document" not in m.json]
 
     @property
     def pending_updates(self) -> int:
