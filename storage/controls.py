@@ -10,7 +10,6 @@ on the hot path of a chat turn: the quota check reads usage through a cache
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import date
 from typing import Any, Protocol, cast
@@ -24,25 +23,7 @@ from bot.errors import StorageError
 from bot.events import ConversationKey, Platform
 from bot.ports import SettingValue, StoredMessage, Usage
 from storage.models import Block, ChatSettings, DailyUsage, Message, utcnow
-from storage.queries import conversation_id_of
-
-# INSERT ... ON CONFLICT DO NOTHING: race-safe creation of a row (another process may
-# create the same one at the same moment on a shared PostgreSQL database).
-_INSERTS: dict[str, Callable[[Any], sqlite.Insert | postgresql.Insert]] = {
-    "sqlite": sqlite.insert,
-    "postgresql": postgresql.insert,
-}
-
-# In the order of `StoredMessage`'s fields.
-_EXPORT_COLUMNS = (
-    Message.id,
-    Message.role,
-    Message.content,
-    Message.token_count,
-    Message.created_at,
-    Message.platform_message_id,
-    Message.status,
-)
+from storage.queries import MESSAGE_COLUMNS, UPSERT_INSERTS, conversation_id_of
 
 
 class _Transactional(Protocol):
@@ -51,9 +32,9 @@ class _Transactional(Protocol):
 
 def _insert(session: AsyncSession, table: Any) -> sqlite.Insert | postgresql.Insert:
     dialect = session.get_bind().dialect.name
-    if dialect not in _INSERTS:
+    if dialect not in UPSERT_INSERTS:
         raise StorageError(f"unsupported database dialect {dialect!r}")
-    return _INSERTS[dialect](table)
+    return UPSERT_INSERTS[dialect](table)
 
 
 class ControlsMixin:
@@ -145,7 +126,7 @@ class ControlsMixin:
     async def conversation_messages(self: _Transactional, key: ConversationKey) -> list[StoredMessage]:
         """Every stored message of the conversation, oldest first, "hidden" ones included
         (the caller decides what to show)."""
-        stmt = select(*_EXPORT_COLUMNS).where(Message.conversation_id == conversation_id_of(key)).order_by(Message.id)
+        stmt = select(*MESSAGE_COLUMNS).where(Message.conversation_id == conversation_id_of(key)).order_by(Message.id)
         async with self._transaction() as session:
             rows = (await session.execute(stmt)).all()
         return [StoredMessage(*row) for row in rows]

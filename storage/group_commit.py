@@ -107,17 +107,19 @@ class GroupCommit(Generic[T, R]):
         self._commit = commit
         self._max_batch = max_batch
         self._queue: deque[_Queued[T, R]] = deque()
+        self._urgent: deque[_Queued[T, R]] = deque()  # written in the next batch, ahead of the queue
         self._writer: asyncio.Task[None] | None = None
 
-    async def write(self, append: T) -> R:
-        """Store `append` once its turn comes. Raises `StorageError` if it cannot be.
+    async def write(self, append: T, *, urgent: bool = False) -> R:
+        """Store `append` once its turn comes (`urgent`: in the very next batch, ahead of
+        those already waiting). Raises `StorageError` if it cannot be.
 
         A caller cancelled before its append is started cancels the append; one cancelled
         later waits until it is committed, so what the caller does next (a /reset after a
         cancelled turn) finds it committed, not still in flight.
         """
         queued: _Queued[T, R] = _Queued(append, asyncio.get_running_loop().create_future())
-        self._queue.append(queued)
+        (self._urgent if urgent else self._queue).append(queued)
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_queue(), name="storage:appends")
         try:
@@ -125,6 +127,8 @@ class GroupCommit(Generic[T, R]):
         except asyncio.CancelledError:
             if queued in self._queue:
                 self._queue.remove(queued)
+            elif queued in self._urgent:
+                self._urgent.remove(queued)
             elif not queued.done.done():
                 await asyncio.wait({queued.done})
             raise
@@ -140,14 +144,15 @@ class GroupCommit(Generic[T, R]):
         """The writer: drains the queue one batch at a time, then ends."""
         batch: list[_Queued[T, R]] = []
         try:
-            while self._queue:
+            while self._queue or self._urgent:
                 batch = self._next_batch()
                 await self._write_batch(batch)
         finally:
             self._writer = None
             # Anything left unanswered means this task was cancelled (the loop is closing).
-            for queued in [*batch, *self._queue]:
+            for queued in [*batch, *self._urgent, *self._queue]:
                 queued.fail(StorageError("storage is shutting down"))
+            self._urgent.clear()
             self._queue.clear()
 
     def _next_batch(self) -> list[_Queued[T, R]]:
@@ -155,17 +160,18 @@ class GroupCommit(Generic[T, R]):
         its own append as the newest message); later ones of a key keep their place."""
         batch: list[_Queued[T, R]] = []
         keys: set[Hashable] = set()
-        skipped: list[_Queued[T, R]] = []
-        while self._queue and len(batch) < self._max_batch:
-            queued = self._queue.popleft()
-            key = queued.append.conflict_key
-            if key is not None and key in keys:
-                skipped.append(queued)
-            else:
-                if key is not None:
-                    keys.add(key)
-                batch.append(queued)
-        self._queue.extendleft(reversed(skipped))
+        for queue in (self._urgent, self._queue):
+            skipped: list[_Queued[T, R]] = []
+            while queue and len(batch) < self._max_batch:
+                queued = queue.popleft()
+                key = queued.append.conflict_key
+                if key is not None and key in keys:
+                    skipped.append(queued)
+                else:
+                    if key is not None:
+                        keys.add(key)
+                    batch.append(queued)
+            queue.extendleft(reversed(skipped))
         return batch
 
     async def _write_batch(self, batch: list[_Queued[T, R]]) -> None:

@@ -45,14 +45,15 @@ from storage.models import Conversation, DailyUsage, Message, Turn, utcnow
 # back in one statement (SQLite allows 500 terms in a UNION).
 MAX_APPEND_BATCH = 64
 
-# The dialects whose INSERT has ON CONFLICT (the race-safe way to create a conversation).
-_UPSERT_INSERTS: dict[str, Callable[[Any], sqlite.Insert | postgresql.Insert]] = {
+# The dialects whose INSERT has ON CONFLICT (the race-safe way to create a row that
+# another process may create at the same moment).
+UPSERT_INSERTS: dict[str, Callable[[Any], sqlite.Insert | postgresql.Insert]] = {
     "sqlite": sqlite.insert,
     "postgresql": postgresql.insert,
 }
 
 # In the order of `StoredMessage`'s fields.
-_MESSAGE_COLUMNS = (
+MESSAGE_COLUMNS = (
     Message.id,
     Message.role,
     Message.content,
@@ -80,10 +81,10 @@ def conversation_id_of(key: ConversationKey) -> ScalarSelect[int]:
 def upsert_conversation(dialect: str, key: ConversationKey) -> ReturningInsert[int, dict[str, SettingValue]]:
     """Create the conversation of `key` if missing (race-safe) or touch its `updated_at`;
     returns its id and settings."""
-    if dialect not in _UPSERT_INSERTS:
+    if dialect not in UPSERT_INSERTS:
         raise StorageError(f"unsupported database dialect {dialect!r}")
     now = utcnow()
-    stmt = _UPSERT_INSERTS[dialect](Conversation).values(
+    stmt = UPSERT_INSERTS[dialect](Conversation).values(
         platform=key.platform,
         chat_id=key.chat_id,
         user_id=key.user_id,
@@ -114,7 +115,7 @@ def newest_messages(
     hidden, newest first (with `upto`, those whose id is at most that), by one walk
     backwards along the (conversation_id, id) index. With `part`, each row starts with
     that number."""
-    columns: tuple[Any, ...] = _MESSAGE_COLUMNS
+    columns: tuple[Any, ...] = MESSAGE_COLUMNS
     if part is not None:
         columns = (literal_column(str(part)).label("part"), *columns)
     stmt = select(*columns).where(Message.conversation_id == conversation_id, NOT_HIDDEN)
@@ -178,10 +179,10 @@ _TURN_KEY = [Turn.platform, Turn.chat_id, Turn.platform_message_id]
 def insert_turns(dialect: str) -> Any:
     """INSERT of turns that skips those whose key (platform, chat, message id) is taken,
     returning the key and id of each inserted."""
-    if dialect not in _UPSERT_INSERTS:
+    if dialect not in UPSERT_INSERTS:
         raise StorageError(f"unsupported database dialect {dialect!r}")
     return (
-        _UPSERT_INSERTS[dialect](Turn)
+        UPSERT_INSERTS[dialect](Turn)
         .on_conflict_do_nothing(index_elements=_TURN_KEY)
         .returning(Turn.id, Turn.platform, Turn.chat_id, Turn.platform_message_id)
     )
@@ -189,9 +190,9 @@ def insert_turns(dialect: str) -> Any:
 
 def add_usage(dialect: str) -> Any:
     """Adds `:prompt_tokens`, `:generated_tokens`, `:messages` to a user's day."""
-    if dialect not in _UPSERT_INSERTS:
+    if dialect not in UPSERT_INSERTS:
         raise StorageError(f"unsupported database dialect {dialect!r}")
-    stmt = _UPSERT_INSERTS[dialect](DailyUsage)
+    stmt = UPSERT_INSERTS[dialect](DailyUsage)
     return stmt.on_conflict_do_update(
         index_elements=[DailyUsage.platform, DailyUsage.user_id, DailyUsage.day],
         set_={

@@ -76,7 +76,7 @@ async def ask_two(server: FakeTelegramServer) -> tuple[StoredMessage, StoredMess
     first = server.user_sends(GROUP, ALICE, f"@{server.bot.username} first question")
     second = server.user_sends(GROUP, ALICE, f"@{server.bot.username} second question")
     await server.wait_for(
-        lambda: any(len(m.text or "") > 3 for m in replies_to(server, first)), timeout=30, what="a partial reply"
+        lambda: any(len(m.text or "") > 3 for m in replies_to(server, first)), timeout=60, what="a partial reply"
     )
     return first, second
 
@@ -141,7 +141,7 @@ async def test_updates_the_dead_process_fetched_are_redelivered_and_answered_onc
         # Killed while the first answer streams (once it has been edited, so its message
         # id is surely stored): the others were fetched, some accepted, none answered.
         await server.wait_for(
-            lambda: any(m.edits for m in replies_to(server, sent[0])), timeout=30, what="a first reply"
+            lambda: any(m.edits for m in replies_to(server, sent[0])), timeout=60, what="a first reply"
         )
         await bot.kill()
         again = BotProcess("R", bot_env(server, database), tmp_path, step_delay=0.1)

@@ -186,6 +186,20 @@ async def test_a_batch_holds_at_most_max_batch_appends_and_one_per_conversation(
     assert [r.newest for r in results] == [[r.message] for r in results]
 
 
+async def test_an_urgent_write_goes_in_the_next_batch_ahead_of_those_waiting() -> None:
+    commit = FakeCommit()
+    commit.gate.clear()
+    group_commit = GroupCommit(commit, max_batch=2)
+    first = asyncio.create_task(group_commit.write(_append(ALICE, "in flight")))
+    await commit.called.wait()  # the first batch is being written
+    waiting = [asyncio.create_task(group_commit.write(_append(_user(f"u{i}"), f"w{i}"))) for i in range(3)]
+    urgent = asyncio.create_task(group_commit.write(_append(BOB, "urgent"), urgent=True))
+    await asyncio.sleep(0)
+    commit.gate.set()
+    await asyncio.gather(first, urgent, *waiting)
+    assert commit.batches == [["in flight"], ["urgent", "w0"], ["w1", "w2"]]
+
+
 async def test_a_failed_batch_is_written_again_one_append_at_a_time(caplog: pytest.LogCaptureFixture) -> None:
     commit = FakeCommit({"b": StorageError("bad row")})
     group_commit = GroupCommit(commit, max_batch=8)

@@ -173,6 +173,21 @@ async def test_move_chat_carries_history_and_settings_except_where_the_user_is_a
     assert [m.content for m in await repo.recent_messages(bob_new, 5)] == ["bob in the old chat", "late reply"]
 
 
+async def test_move_chat_carries_the_chat_wide_settings_unless_the_new_chat_has_its_own(
+    repo: SqlRepository,
+) -> None:
+    await repo.set_chat_setting("telegram", "group-1", "enabled", 0)
+    await repo.set_chat_setting("telegram", "group-2", "system_prompt", "old")
+    await repo.set_chat_setting("telegram", "super-2", "system_prompt", "new")
+
+    await repo.move_chat("telegram", "group-1", "super-1")
+    await repo.move_chat("telegram", "group-2", "super-2")
+
+    assert await repo.get_chat_settings("telegram", "super-1") == {"enabled": 0}
+    assert await repo.get_chat_settings("telegram", "group-1") == {}
+    assert await repo.get_chat_settings("telegram", "super-2") == {"system_prompt": "new"}
+
+
 async def test_settings_keep_their_types_and_can_be_overwritten_and_cleared(
     repo: SqlRepository,
 ) -> None:
