@@ -11,7 +11,8 @@ model reply, "refused" when it got the busy notice instead.
 The token budget only sets how long the run takes; which messages are admitted depends
 on the queue bounds alone. Prints human lines, then one JSON line:
 {"users": 200, "messages": 1000, "answered": …, "refused_busy": …, "other": …,
- "elapsed_s": …, "msgs_per_s": …, "tok_s": …, "queue_size": …, "max_waiting_per_conversation": …}
+ "elapsed_s": …, "msgs_per_s": …, "tok_s": …, "queue_size": …, "max_pending_messages": …,
+ "max_waiting_per_conversation": …}
 Target: answered == messages.
 """
 
@@ -23,6 +24,8 @@ import json
 import time
 
 from common import TimingTarget, event, load_default_engine, real_stack
+
+from bot.chat.conversation import MAX_WAITING_PER_CONVERSATION
 
 BUSY_MARKS = ("busy", "faster than I can answer")
 
@@ -62,7 +65,8 @@ async def run(users: int, per_user: int, max_new_tokens: int) -> dict[str, objec
         "msgs_per_s": round(answered / elapsed, 2),
         "tok_s": round(tokens / elapsed, 1),
         "queue_size": settings.queue_size,
-        "max_waiting_per_conversation": getattr(settings, "max_waiting_per_conversation", None),
+        "max_pending_messages": settings.max_pending_messages,
+        "max_waiting_per_conversation": MAX_WAITING_PER_CONVERSATION,
     }
 
 
