@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.chat.conversation import ConversationManager
 from bot.config import Settings
 from bot.core import Core, open_core
+from bot.events import ConversationKey
 from bot.ports import Engine
 from storage.database import create_engine, init_db
 from storage.repository import SqlRepository
@@ -132,6 +134,15 @@ class Harness:
     async def manager(self, **overrides: Any) -> AsyncIterator[ConversationManager]:
         async with self.core(**overrides) as core:
             yield core.manager
+
+    async def stored_texts(self, conversation: ConversationKey, count: int) -> list[str]:
+        """The conversation's stored texts, once it holds `count` messages (a reply is
+        stored just after its last edit: leaving the bot earlier would stop it)."""
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(stored := await self.repo.recent_messages(conversation, 50)) < count:
+            assert asyncio.get_running_loop().time() < deadline, f"only {stored} stored"
+            await asyncio.sleep(0.01)
+        return [m.content for m in stored]
 
     async def restart_database(self) -> None:
         """Dispose the engine and open a new one on the same database, as a restart would."""

@@ -6,7 +6,6 @@ text is the stored history."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -51,16 +50,6 @@ async def ask(
     except AssertionError:
         raise AssertionError(f"answer to {text!r}: {server.bot_texts(channel)[before:]}, not {expect!r}") from None
     return server.bot_texts(channel)[before]
-
-
-async def history(harness: Harness, conversation: ConversationKey, count: int) -> list[str]:
-    """The conversation's stored texts, once it holds `count` messages (a reply is stored
-    just after its last edit: leaving the bot earlier would stop it)."""
-    deadline = asyncio.get_running_loop().time() + 5
-    while len(stored := await harness.repo.recent_messages(conversation, 50)) < count:
-        assert asyncio.get_running_loop().time() < deadline, f"only {stored} stored"
-        await asyncio.sleep(0.01)
-    return [m.content for m in stored]
 
 
 async def say(server: FakeDiscordServer, channel: FakeChannel, user: FakeUser, text: str) -> None:
@@ -114,7 +103,7 @@ async def test_an_admin_blocks_a_user_by_mention_and_unblocks_them(
         await ask(server, world.general, world.alice, "and me?", "Echo: and me?")
         await ask(server, admin_dm, world.bot_admin, f"/unblock {world.bob.id}", f"Unblocked discord:{world.bob.id}.")
         await ask(server, world.general, world.bob, "back", "Echo: back")
-        assert await history(harness, key(world.general, world.bob), 2) == ["back", "Echo: back"]
+        assert await harness.stored_texts(key(world.general, world.bob), 2) == ["back", "Echo: back"]
 
 
 async def test_over_the_rate_limit_the_user_is_told_once(
@@ -128,7 +117,7 @@ async def test_over_the_rate_limit_the_user_is_told_once(
         await ask(server, dm, world.alice, "three", notice)
         await say(server, dm, world.alice, "four")
         await ask(server, world.general, world.bob, "someone else", "Echo: someone else")
-        assert await history(harness, key(dm, world.alice), 4) == ["one", "Echo: one", "two", "Echo: two"]
+        assert await harness.stored_texts(key(dm, world.alice), 4) == ["one", "Echo: one", "two", "Echo: two"]
     assert server.bot_texts(dm) == ["Echo: one", "Echo: two", notice]
 
 
@@ -150,7 +139,7 @@ async def test_a_moderator_switches_the_bot_off_and_on_in_a_channel(
         on = "I'm switched on in this chat again."
         await ask(server, world.general, world.moderator, "/config chat set enabled true", on)
         await ask(server, world.general, world.alice, "now?", "Echo: now?")
-        assert await history(harness, key(world.general, world.alice), 2) == ["now?", "Echo: now?"]
+        assert await harness.stored_texts(key(world.general, world.alice), 2) == ["now?", "Echo: now?"]
     assert [t for t in server.bot_texts(world.general) if t.startswith("Echo")] == ["Echo: now?"]
 
 
@@ -161,7 +150,7 @@ async def test_export_arrives_as_an_attachment_equal_to_the_stored_history(
     async with bot(run_adapter, harness, world):
         await ask(server, world.general, world.alice, "hello model", "Echo: hello model")
         await ask(server, world.general, world.alice, "and `code`", "Echo: and `code`")
-        await history(harness, conversation, 4)
+        await harness.stored_texts(conversation, 4)
         await say(server, world.general, world.alice, "/export")
         await server.wait_for(lambda: len(server.uploads) == 1)
         # The slash command answers with the file privately.

@@ -5,7 +5,6 @@ arriving as a document whose text is the stored history."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -60,16 +59,6 @@ async def ask(
     return answer() or ""
 
 
-async def history(harness: Harness, conversation: ConversationKey, count: int) -> list[str]:
-    """The conversation's stored texts, once it holds `count` messages (a reply is stored
-    just after its last edit: leaving the bot earlier would stop it)."""
-    deadline = asyncio.get_running_loop().time() + 5
-    while len(stored := await harness.repo.recent_messages(conversation, 50)) < count:
-        assert asyncio.get_running_loop().time() < deadline, f"only {stored} stored"
-        await asyncio.sleep(0.01)
-    return [m.content for m in stored]
-
-
 async def test_blocked_users_and_chats_get_no_answer_and_nothing_is_stored(
     server: FakeTelegramServer, run_adapter: RunAdapter, harness: Harness
 ) -> None:
@@ -115,7 +104,7 @@ async def test_an_admin_blocks_and_unblocks_a_user_with_immediate_effect(
         server.user_sends(PRIVATE_BOB, BOB, "still there?")
         await ask(server, PRIVATE_ALICE, ALICE, f"/unblock {BOB.id}", f"Unblocked telegram:{BOB.id}.")
         await ask(server, PRIVATE_BOB, BOB, "back again", "Echo: back again")
-        assert await history(harness, key(PRIVATE_BOB, BOB), 2) == ["back again", "Echo: back again"]
+        assert await harness.stored_texts(key(PRIVATE_BOB, BOB), 2) == ["back again", "Echo: back again"]
     assert server.bot_texts(BOB.id) == ["Only admins can do that.", "Echo: back again"]
 
 
@@ -130,7 +119,7 @@ async def test_over_the_rate_limit_the_user_is_told_once(
         server.user_sends(PRIVATE_BOB, BOB, "four")
         server.user_sends(PRIVATE_BOB, BOB, "five")
         await ask(server, PRIVATE_ALICE, ALICE, "admins are exempt", "Echo: admins are exempt")
-        assert await history(harness, key(PRIVATE_BOB, BOB), 4) == ["one", "Echo: one", "two", "Echo: two"]
+        assert await harness.stored_texts(key(PRIVATE_BOB, BOB), 4) == ["one", "Echo: one", "two", "Echo: two"]
     assert server.bot_texts(BOB.id) == ["Echo: one", "Echo: two", notice]
 
 
@@ -148,7 +137,7 @@ async def test_a_group_admin_switches_the_bot_off_and_on_in_the_group(
         await ask(server, SUPERGROUP, BOB, "@LlmTestBot elsewhere", "Echo: elsewhere")
         await ask(server, GROUP, CAROL, "/config set enabled true", "I'm switched on in this chat again.")
         await ask(server, GROUP, BOB, "@LlmTestBot now?", "Echo: now?")
-        assert await history(harness, key(GROUP, BOB), 2) == ["now?", "Echo: now?"]
+        assert await harness.stored_texts(key(GROUP, BOB), 2) == ["now?", "Echo: now?"]
     replies = [t for t in server.bot_texts(GROUP.id) if t.startswith(("Echo", "Commands"))]
     assert replies == ["Echo: now?"]
 
@@ -175,7 +164,7 @@ async def test_export_arrives_as_a_markdown_document_equal_to_the_stored_history
     async with bot(server, run_adapter, harness):
         await ask(server, PRIVATE_BOB, BOB, "hello model", "Echo: hello model")
         await ask(server, PRIVATE_BOB, BOB, "and **again**", "Echo: and **again**")
-        await history(harness, key(PRIVATE_BOB, BOB), 4)
+        await harness.stored_texts(key(PRIVATE_BOB, BOB), 4)
         server.user_sends(PRIVATE_BOB, BOB, "/export")
         await server.wait_for(lambda: len(server.uploads) == 1, what="the exported file")
     (upload,) = server.uploads
