@@ -56,6 +56,9 @@ async def metered_core(harness: Harness, **overrides: Any) -> AsyncIterator[Core
 
 
 async def test_counters_move_by_what_a_conversation_did(harness: Harness) -> None:
+    # A few ms per token: the tokens of a reply reach the manager as several pieces (an
+    # instant fake can hand over a whole reply as one, leaving no gap between tokens).
+    harness.engine.step_delay = 0.005
     async with metered_core(harness) as core:
         model = model_labels(core)
         before = await scrape(core)
