@@ -157,6 +157,8 @@ class GenerateBaseline:
         """Greedy tokens (stopping at the end of turn, like the bot) and the seconds taken."""
         import torch
 
+        from bot.model.hf.native import release_thread_pool
+
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -174,6 +176,8 @@ class GenerateBaseline:
             seconds = time.perf_counter() - started
         finally:
             torch.set_num_threads(threads)
+            # This thread's OpenMP workers would slow the bot's own steps (see `bot.model.hf.native`).
+            release_thread_pool()
         tokens = [int(t) for t in out[0, len(prompt) :]]
         return tokens, seconds
 

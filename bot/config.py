@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     model_context_tokens: int = Field(2048, ge=64, le=1_000_000)
     model_allow_download: bool = False
     # The compiled decode step for Llama-family models (bot/model/hf/fast_step.py).
-    model_compile: Literal["auto", "off"] = "off"  # opt-in until it meets its targets
+    model_compile: Literal["auto", "off"] = "off"  # opt-in until it meets all its targets (README)
     model_weight_dtype: Literal["float32", "float16"] = "float32"
     max_batch_size: int = Field(16, ge=1, le=256)
     queue_size: int = Field(64, ge=1, le=10_000)

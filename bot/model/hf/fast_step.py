@@ -13,12 +13,16 @@ The step serves the engine's continuous batch as it is: left-padded rows, per-ro
 positions, a 2-D mask over the KV cache columns. It never writes the cache: it attends
 to the cached columns plus the new token (one softmax over both) and returns the new
 token's keys and values, which the engine appends. Batch, cache width and cache capacity
-are dynamic from the first call, so one graph per kernel choice serves every shape.
+are dynamic from the first call, so one graph per kernel choice serves every shape, as
+long as the cache has a spare column (a full one fails the guards: the runner reserves
+one).
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -26,10 +30,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import torch
 
@@ -38,13 +42,13 @@ logger = logging.getLogger(__name__)
 CompileMode = Literal["auto", "off"]
 WeightDtype = Literal["float32", "float16"]
 
-# From this many rows on, a matmul (float32 weights) beats the multiply-and-sum kernel.
-# Measured on 2 shared EPYC cores with SmolLM2-135M, float16 weights, 120 cached
-# columns (bench/fast_step_crossover.py, median ms per step, mulsum vs matmul):
-# 8 rows 52 vs 65, 12 rows 59 vs 70, 16 rows 73 vs 86, 32 rows 789 vs 319. The
-# multiply-and-sum kernel reads every weight once per row, so past ~16 rows the
-# weights no longer stay in cache and a matmul's blocking wins.
-MATMUL_MIN_ROWS = 24
+# From this many rows on, a matmul (float32 weights) beats the multiply-and-sum kernel,
+# by how the multiply-and-sum kernel stores its weights. It reads every weight once per
+# row, so float16's halved bytes keep it ahead for longer. Measured on 2 quiet EPYC
+# cores with SmolLM2-135M, 120 cached columns (bench/fast_step_crossover.py, median ms
+# per step, mulsum vs matmul): float32 8 rows 61 vs 57, 16 rows 121 vs 79, 32 rows 228
+# vs 119; float16 8 rows 40 vs 56, 12 rows 57 vs 63, 16 rows 72 vs 70, 32 rows 136 vs 95.
+MATMUL_MIN_ROWS: Final[Mapping[WeightDtype, int]] = {"float32": 8, "float16": 16}
 
 _FAMILY = frozenset({"llama", "mistral"})
 # Sizes of the first (tracing) call: distinct from each other and above 1, so that no
@@ -127,21 +131,16 @@ class LlamaDecodeStep(torch.nn.Module):
             self.layers = shared.layers
         else:
             self.lm_head = weight(model.get_output_embeddings().weight)
-            self.layers = [
-                tuple(
-                    weight(w)
-                    for w in (
-                        layer.self_attn.q_proj.weight,
-                        layer.self_attn.k_proj.weight,
-                        layer.self_attn.v_proj.weight,
-                        layer.self_attn.o_proj.weight,
-                        layer.mlp.gate_proj.weight,
-                        layer.mlp.up_proj.weight,
-                        layer.mlp.down_proj.weight,
+            with torch.no_grad():
+                self.layers = [
+                    (
+                        _fused((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj), store),
+                        weight(layer.self_attn.o_proj.weight),
+                        _fused((layer.mlp.gate_proj, layer.mlp.up_proj), store),
+                        weight(layer.mlp.down_proj.weight),
                     )
-                )
-                for layer in inner.layers
-            ]
+                    for layer in inner.layers
+                ]
         self.norms = [
             (norm(layer.input_layernorm.weight), norm(layer.post_attention_layernorm.weight)) for layer in inner.layers
         ]
@@ -188,13 +187,15 @@ class LlamaDecodeStep(torch.nn.Module):
         masked = torch.where(mask, 0.0, float("-inf"))[:, None, None, :]  # [rows, 1, 1, width]
         new_keys: list[torch.Tensor] = []
         new_values: list[torch.Tensor] = []
+        n_q, n_kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for i in range(self.n_layers):
-            wq, wk, wv, wo, wg, wu, wd = self.layers[i]
+            wqkv, wo, wgu, wd = self.layers[i]
             ln1, ln2 = self.norms[i]
             x = self._rms(h, ln1)
-            q = self._rope(self._linear(x, wq).view(rows, self.n_heads, self.head_dim), cos, sin)
-            k = self._rope(self._linear(x, wk).view(rows, self.n_kv, self.head_dim), cos, sin)
-            v = self._linear(x, wv).view(rows, self.n_kv, self.head_dim)
+            qkv = self._linear(x, wqkv)
+            q = self._rope(qkv[:, :n_q].reshape(rows, self.n_heads, self.head_dim), cos, sin)
+            k = self._rope(qkv[:, n_q : n_q + n_kv].reshape(rows, self.n_kv, self.head_dim), cos, sin)
+            v = qkv[:, n_q + n_kv :].reshape(rows, self.n_kv, self.head_dim)
             new_keys.append(k)
             new_values.append(v)
             past_k = kv[2 * i][:, :, :width]
@@ -206,10 +207,26 @@ class LlamaDecodeStep(torch.nn.Module):
             attn = torch.matmul(probs[..., :-1], past_v) + probs[..., -1:] * v[:, :, None, :]
             h = h + self._linear(attn.reshape(rows, self.n_heads * self.head_dim), wo)
             x = self._rms(h, ln2)
-            gate = self._linear(x, wg)
-            h = h + self._linear(torch.nn.functional.silu(gate) * self._linear(x, wu), wd)
+            gate_up = self._linear(x, wgu)
+            gate, up = gate_up[:, : wgu.shape[0] // 2], gate_up[:, wgu.shape[0] // 2 :]
+            h = h + self._linear(torch.nn.functional.silu(gate) * up, wd)
         logits = self._linear(self._rms(h, self.final_norm), self.lm_head)
         return logits, torch.stack(new_keys), torch.stack(new_values)
+
+
+def _fused(modules: Sequence[Any], store: torch.dtype) -> torch.Tensor:
+    """The weights of `modules` (linear layers reading the same input) stacked along
+    the output dimension as `store`: one kernel reads them all. When they already are
+    `store`, the modules' own weights become views of the stacked tensor, so the HF
+    forward and this step share one copy."""
+    weights = [m.weight.detach() for m in modules]
+    fused = torch.cat(weights).to(store).contiguous()
+    if weights[0].dtype == store:
+        start = 0
+        for module, w in zip(modules, weights, strict=True):
+            module.weight = torch.nn.Parameter(fused[start : start + w.shape[0]], requires_grad=False)
+            start += w.shape[0]
+    return fused
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,17 +245,27 @@ class FastStepConfig:
 
     @property
     def marker(self) -> Path:
-        """Written once a child has filled the inductor cache for these settings."""
-        return self.cache_dir / f"compiled-{self.weight_dtype}-{self.threads}threads"
+        """Written once a child has filled the inductor cache for these settings and
+        this version of the step's code and of torch."""
+        return self.cache_dir / f"compiled-{self.weight_dtype}-{self.threads}threads-{_code_version()}"
+
+
+@functools.cache
+def _code_version() -> str:
+    """A short hash of this module's source and the torch version: a marker from other
+    code must not stop a cold cache from being filled in the child process."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(torch.__version__.encode())
+    return digest.hexdigest()[:12]
 
 
 Graph = Literal["one", "few", "many"]
 """The compiled graphs: one row and few rows (multiply-and-sum), many rows (matmul)."""
 
 
-def graph_for(rows: int) -> Graph:
+def graph_for(rows: int, weight_dtype: WeightDtype) -> Graph:
     """Which graph serves a batch of `rows`."""
-    return "one" if rows == 1 else "few" if rows < MATMUL_MIN_ROWS else "many"
+    return "one" if rows == 1 else "few" if rows < MATMUL_MIN_ROWS[weight_dtype] else "many"
 
 
 class FastDecoder:
@@ -285,7 +312,7 @@ class FastDecoder:
 
     def usable(self, rows: int) -> bool:
         """True when the graph for a batch of `rows` is ready."""
-        return self._ready[graph_for(rows)].is_set()
+        return self._ready[graph_for(rows, self.config.weight_dtype)].is_set()
 
     @property
     def kernels(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -329,7 +356,7 @@ class FastDecoder:
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        fn = self._many_fn if graph_for(int(ids.shape[0])) == "many" else self._few_fn
+        fn = self._many_fn if graph_for(int(ids.shape[0]), self.config.weight_dtype) == "many" else self._few_fn
         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = fn(ids, positions, mask, list(kv))
         return out
 

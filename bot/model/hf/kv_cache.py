@@ -63,6 +63,17 @@ class SlackLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self.is_initialized = True
         self.device = keys.device
 
+    def reserve(self, columns: int) -> None:
+        """Grow the buffers (with slack) if they hold fewer than `columns` columns."""
+        if self._key_buffer is None or self._value_buffer is None or self.keys is None or self.values is None:
+            return
+        if columns > self._key_buffer.shape[-2]:
+            allocated = max(columns, with_slack(columns, self._max_columns))
+            self._key_buffer = resized(self.keys, allocated)
+            self._value_buffer = resized(self.values, allocated)
+            used = int(self.keys.shape[-2])
+            self.keys, self.values = self._key_buffer[:, :, :used], self._value_buffer[:, :, :used]
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +133,12 @@ class SlackCache(DynamicCache):
                 raise GenerationError(f"KV cache layer {type(layer).__name__} has no buffers")
             out += [layer._key_buffer, layer._value_buffer]
         return out
+
+    def reserve(self, columns: int) -> None:
+        """Make every layer's buffers hold at least `columns` columns (with slack)."""
+        for layer in self.layers:
+            assert isinstance(layer, SlackLayer)
+            layer.reserve(columns)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append one token per row: ``keys``/``values`` are ``[layers, rows, heads, dim]``."""

@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 from bot.errors import ModelLoadError, first_line
 from bot.model.hf.chat_template import ChatTokenizer
 from bot.model.hf.fast_step import FastDecoder, FastStepConfig, compiler_missing, unsupported_reason
+from bot.model.hf.native import release_thread_pool, return_free_memory
 from bot.model.hf.runner import _DEFAULT_THREADS, HFEngine, LoadedFrom
 
 logger = logging.getLogger(__name__)
@@ -221,6 +222,11 @@ def load_engine(
         logger.debug("Warm-up of %s failed", source.name, exc_info=True)
         raise ModelLoadError("MODEL", f"{source.name} loads but cannot run: {first_line(exc)}") from None
     say(f"Loaded {source.name} in {time.perf_counter() - started:.1f} s")
+    # From here on the scheduler thread runs the model: this thread's OpenMP workers
+    # would only slow its parallel regions down, and the weights the fast step replaced
+    # are free (see `native`).
+    release_thread_pool()
+    return_free_memory()
     if fast is not None:
         fast.start(say)
     return engine
@@ -235,7 +241,12 @@ def _context_length(hf_model: Any, context_tokens: int) -> int:
 
 def _load_pretrained(location: str | Path, torch_dtype: torch.dtype, *, local_only: bool) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
-    hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, local_files_only=local_only)
+    # Read into memory, not memory-mapped: every weight is read at each step anyway, and
+    # the fast step repacks some (see `fast_step._fused`); a mapping kept alive by the
+    # others would then hold the file's pages as well, ~400 MB more for the default model.
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        location, dtype=torch_dtype, local_files_only=local_only, disable_mmap=True
+    )
     return hf_model, tokenizer
 
 

@@ -250,6 +250,9 @@ class HFEngine:
             try:
                 if self._use_fast:
                     assert self._fast is not None and self._cache is not None
+                    # The step is compiled for a cache with a spare column: a full one
+                    # (contiguous slices) would fail its guards and recompile it.
+                    self._cache.reserve(self._width + 1)
                     last, keys, values = self._fast(self._pending, self._positions, self._mask, self._cache.buffers())
                     self._cache.append(keys, values)
                 else:

@@ -192,18 +192,35 @@ def test_compiled_step_greedy_matches_transformers_generate(compiled_engine: HFE
 
 @pytest.mark.model
 @pytest.mark.timeout(COMPILE_TIMEOUT)
+def test_compiled_step_runs_past_the_spare_cache_columns_without_recompiling(compiled_engine: HFEngine) -> None:
+    from torch._dynamo.utils import counters
+
+    from bot.model.hf.kv_cache import SLACK_COLUMNS
+
+    prompt = chat_prompt(compiled_engine, QUESTIONS[1])
+    run_alone(compiled_engine, prompt, 3)
+    graphs = counters["stats"]["unique_graphs"]
+    # The cache fills its spare columns and is grown (a full cache once made the
+    # step's guards fail: a recompile of minutes in the middle of a reply).
+    assert len(run_alone(compiled_engine, prompt, SLACK_COLUMNS + 8)) == SLACK_COLUMNS + 8
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.model
+@pytest.mark.timeout(COMPILE_TIMEOUT)
 def test_compiled_step_batch_with_late_joiners_matches_each_alone(compiled_engine: HFEngine) -> None:
     from bot.model.hf.fast_step import MATMUL_MIN_ROWS
 
+    matmul_min_rows = MATMUL_MIN_ROWS["float32"]  # the compiled engine's weights
     topics = ["the sea", "a cat", "spring", "a robot", "a village", "a library", "rain", "a train", "the moon"]
     questions = [f"{verb} {topic}." for verb in ("Describe", "Praise", "Explain") for topic in topics]
-    assert len(questions) >= MATMUL_MIN_ROWS + 2
-    prompts = {i: chat_prompt(compiled_engine, q) for i, q in enumerate(questions[: MATMUL_MIN_ROWS + 2])}
+    assert len(questions) >= matmul_min_rows + 2
+    prompts = {i: chat_prompt(compiled_engine, q) for i, q in enumerate(questions[: matmul_min_rows + 2])}
     n = 12
     alone = {i: run_alone(compiled_engine, p, n) for i, p in prompts.items()}
-    # The matmul kernel while 24+ rows run, then multiply-and-sum for the two late
-    # joiners left at the end; rows join between steps.
-    late = {MATMUL_MIN_ROWS: 3, MATMUL_MIN_ROWS + 1: 6}
+    # The matmul kernel while the first rows run (with two joining between steps), then
+    # multiply-and-sum for the two late joiners left at the end.
+    late = {matmul_min_rows: 3, matmul_min_rows + 1: 6}
     together = run_batch(compiled_engine, {i: (p, GREEDY) for i, p in prompts.items()}, n, join_at=late)
     assert together == alone
 

@@ -41,6 +41,19 @@ def test_a_layer_with_buffers_writes_new_columns_in_place_and_grows_within_its_l
     assert layer.capacity == 4  # grown, but only to the limit
 
 
+def test_reserve_grows_a_full_cache_keeping_its_columns_and_leaves_a_roomy_one_alone() -> None:
+    keys, values = kv([1.0, 2.0])
+    cache = SlackCache.from_buffers([(keys, values)], columns=2, max_columns=100)
+    assert cache.capacity == 2  # full: the compiled step needs a spare column
+    cache.reserve(3)
+    assert cache.capacity == 3 + SLACK_COLUMNS
+    ((used_keys, used_values),) = cache.kv()
+    assert columns(used_keys) == [[1.0, 2.0]] and columns(used_values) == [[10.0, 20.0]]
+    buffer = cache.buffers()[0]
+    cache.reserve(3)
+    assert cache.buffers()[0] is buffer  # room enough: nothing copied
+
+
 def test_a_prefill_cache_grows_and_splits_into_its_prompts() -> None:
     cache = SlackCache()
     cache.update(*kv([1.0, 2.0, 3.0, 4.0, 5.0]), 0)
