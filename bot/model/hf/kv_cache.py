@@ -68,7 +68,7 @@ class SlackLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         if self._key_buffer is None or self._value_buffer is None or self.keys is None or self.values is None:
             return
         if columns > self._key_buffer.shape[-2]:
-            allocated = max(columns, with_slack(columns, self._max_columns))
+            allocated = with_slack(columns, self._max_columns)
             self._key_buffer = resized(self.keys, allocated)
             self._value_buffer = resized(self.values, allocated)
             used = int(self.keys.shape[-2])
@@ -77,16 +77,12 @@ class SlackLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self._key_buffer, self._value_buffer
-        if keys is None or values is None or self.keys is None or self.values is None:
+        if self._key_buffer is None or self._value_buffer is None or self.keys is None or self.values is None:
             return super().update(key_states, value_states, *args, **kwargs)
         start = int(self.keys.shape[-2])
         end = start + int(key_states.shape[-2])
-        if end > keys.shape[-2]:
-            columns = with_slack(end, self._max_columns)
-            keys = resized(self.keys, columns)
-            values = resized(self.values, columns)
-            self._key_buffer, self._value_buffer = keys, values
+        self.reserve(end)
+        keys, values = self._key_buffer, self._value_buffer
         keys[:, :, start:end] = key_states
         values[:, :, start:end] = value_states
         self.keys, self.values = keys[:, :, :end], values[:, :, :end]
