@@ -7,58 +7,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from tests.fakes.processes import ROOT, base_env
+from tests.fakes.processes import BotProcess, base_env
 
 
-class ConsoleBot:
+class ConsoleBot(BotProcess):
     """`python -m tests.fakes.bot_process` in the terminal chat mode: messages go in on
     stdin, replies come out one per line on stdout, the log on stderr."""
 
+    _pipes = True
+
     def __init__(self, database: Path, cwd: Path, env: dict[str, str] | None = None) -> None:
+        # No step delay: the fake engine answers at once, as the bot process does by default.
+        super().__init__("P", base_env(f"sqlite+aiosqlite:///{database}") | (env or {}), cwd, step_delay=0.0)
         self.database = database
-        self.cwd = cwd
-        self.env = env or {}
-        self.log: list[str] = []
-        self._proc: asyncio.subprocess.Process | None = None
-        self._log_reader: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
-
-    async def start(self) -> None:
-        env = base_env(f"sqlite+aiosqlite:///{self.database}") | {"PYTHONPATH": str(ROOT)} | self.env
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.fakes.bot_process", "--name", "P",
-            cwd=self.cwd, env=env, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        self._log_reader = asyncio.create_task(self._read_log(), name="console-bot:log")
-
-    async def _read_log(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        async for raw in self._proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self.log.append(line)
-            if " ready: " in line:
-                self._ready.set()
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.returncode
-
-    async def wait_ready(self, timeout: float = 60) -> None:
-        assert self._log_reader is not None
-        ready = asyncio.create_task(self._ready.wait())
-        await asyncio.wait({ready, self._log_reader}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        assert self._ready.is_set(), "\n".join(self.log[-30:])
 
     async def ask(self, message: str, timeout: float = 30) -> str:
         assert self._proc is not None and self._proc.stdin is not None and self._proc.stdout is not None
@@ -69,11 +33,7 @@ class ConsoleBot:
 
     async def exit_code(self, timeout: float = 60) -> int:
         """Wait for the process to end by itself."""
-        assert self._proc is not None
-        code = await asyncio.wait_for(self._proc.wait(), timeout)
-        if self._log_reader is not None:
-            await self._log_reader
-        return code
+        return await self.wait(timeout)
 
     async def finish(self) -> int:
         """End of input: the terminal chat ends and the bot shuts down."""
@@ -86,18 +46,6 @@ class ConsoleBot:
             self._proc.send_signal(signal.SIGKILL)
             await self._proc.wait()
             raise
-
-    async def kill(self) -> None:
-        """SIGKILL (`kill -9`): no clean-up of any kind."""
-        assert self._proc is not None
-        if self._proc.returncode is None:
-            self._proc.kill()
-        await self._proc.wait()
-        if self._log_reader is not None:
-            await self._log_reader
-
-    def errors(self) -> list[str]:
-        return [line for line in self.log if " ERROR " in line or "Traceback" in line]
 
 
 @contextlib.asynccontextmanager

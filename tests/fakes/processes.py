@@ -32,6 +32,8 @@ def base_env(database_url: str) -> dict[str, str]:
 class BotProcess:
     """`python -m tests.fakes.bot_process` with the given environment; its log is kept."""
 
+    _pipes = False  # stdin and stdout piped to the test (the terminal chat), else unused
+
     def __init__(
         self, name: str, env: dict[str, str], cwd: Path, *, step_delay: float = 0.02, ready_marker: str = " ready: "
     ) -> None:
@@ -49,13 +51,18 @@ class BotProcess:
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.returncode
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
     async def start(self) -> None:
         self._ready.clear()
+        stdio = asyncio.subprocess.PIPE if self._pipes else asyncio.subprocess.DEVNULL
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.fakes.bot_process", "--name", self.name,
             "--step-delay", str(self.step_delay),
-            cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            cwd=self.cwd, env=self.env, stdin=stdio, stdout=stdio, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         self._reader = asyncio.create_task(self._read(), name=f"bot-process:{self.name}:log")
 
@@ -67,10 +74,10 @@ class BotProcess:
             if self.ready_marker in line:
                 self._ready.set()
 
-    async def wait_ready(self) -> None:
+    async def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         assert self._reader is not None
         ready = asyncio.create_task(self._ready.wait())
-        await asyncio.wait({ready, self._reader}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({ready, self._reader}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         ready.cancel()
         if not self._ready.is_set():
             raise AssertionError(f"bot process {self.name} did not start:\n" + "\n".join(self.log[-30:]))
