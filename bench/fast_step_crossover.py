@@ -1,5 +1,5 @@
 """Where the matmul beats the multiply-and-sum kernel: per-step time of both compiled
-variants of the fast decode step (`bot/model/hf/fast_step.py`) at 1 to 32 rows, with
+variants of the fast decode step (`bot/model/hf/fast_step.py`, compiled by `fast_decoder.py`) at 1 to 32 rows, with
 the default model, interleaved in one process. `MATMUL_MIN_ROWS` comes from here.
 
 Prints one line per batch size, then one JSON line:
@@ -25,7 +25,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from bot.config import default_cache_dir
-    from bot.model.hf.fast_step import FastDecoder, FastStepConfig
+    from bot.model.hf.fast_decoder import FastDecoder, FastStepConfig
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--weight-dtype", choices=["float32", "float16"], default="float16")

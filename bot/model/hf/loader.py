@@ -23,7 +23,8 @@ from transformers.utils import logging as hf_logging
 
 from bot.errors import ModelLoadError, first_line
 from bot.model.hf.chat_template import ChatTokenizer
-from bot.model.hf.fast_step import FastDecoder, FastStepConfig, compiler_missing, unsupported_reason
+from bot.model.hf.fast_decoder import FastDecoder, FastStepConfig, compiler_missing
+from bot.model.hf.fast_step import unsupported_reason
 from bot.model.hf.native import release_thread_pool, return_free_memory
 from bot.model.hf.runner import _DEFAULT_THREADS, HFEngine, LoadedFrom
 

@@ -8,7 +8,7 @@ embeddings see exactly what they would see for that sequence alone: greedy outpu
 a batch is token-identical to the sequence run alone.
 
 Decode steps of Llama-family models run through the compiled fast step
-(`fast_step.FastDecoder`) once it is ready; prefill always runs the HF forward.
+(`fast_decoder.FastDecoder`) once it is ready; prefill always runs the HF forward.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from bot.errors import GenerationError
 from bot.events import ChatTurn
 from bot.model.hf.chat_template import ChatTokenizer
-from bot.model.hf.fast_step import FastDecoder
+from bot.model.hf.fast_decoder import FastDecoder
 from bot.model.hf.kv_cache import KV, SlackCache, join_rows, keep_rows
 from bot.model.hf.sampler import RowSampler, sample
 from bot.ports import SamplingParams
