@@ -1,9 +1,13 @@
-"""Where the matmul beats the multiply-and-sum kernel: per-step time of both compiled
-variants of the fast decode step (`bot/model/hf/fast_step.py`, compiled by `fast_decoder.py`) at 1 to 32 rows, with
-the default model, interleaved in one process. `MATMUL_MIN_ROWS` comes from here.
+"""Which kernel serves which batch size: per-step time of every compiled variant of the
+fast decode step (`bot/model/hf/fast_step.py`, compiled by `fast_decoder.py`):
+multiply-and-sum, and the float32 matmul with the weights as the left (``w @ x.T``) or
+the right (``x @ w.T``) operand, at 1 to 32 rows, with the default model, interleaved
+in one process. `fast_step.KERNELS` comes from here.
+
+    python bench/fast_step_crossover.py [--weight-dtype float16|float32] [--rounds N]
 
 Prints one line per batch size, then one JSON line:
-{"weight_dtype": …, "ms": {"<rows>": {"mulsum": …, "matmul": …}}, "crossover_rows": …}
+{"weight_dtype": …, "ms": {"<rows>": {"<kernel>": …}}, "fastest": {"<rows>": "<kernel>"}}
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 import common  # noqa: F401  (puts the repository on sys.path)
 
-ROWS = [1, 2, 4, 8, 12, 16, 20, 24, 32]
+ROWS = [1, 2, 4, 6, 8, 10, 12, 16, 20, 24, 32]
 WIDTH = 120  # cached tokens per row: a short chat prompt plus some reply
 
 
@@ -26,6 +30,8 @@ def main() -> None:
 
     from bot.config import default_cache_dir
     from bot.model.hf.fast_decoder import FastDecoder, FastStepConfig
+    from bot.model.hf.fast_step import Graph
+    from bot.model.hf.native import release_thread_pool
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--weight-dtype", choices=["float32", "float16"], default="float16")
@@ -38,13 +44,14 @@ def main() -> None:
     threads = torch.get_num_threads()
     model: Any = AutoModelForCausalLM.from_pretrained(cached[0])
     model.eval()
+    release_thread_pool()  # the loading thread's OpenMP workers (see bot/model/hf/native.py)
     config = FastStepConfig("auto", args.weight_dtype, cached[0] / "inductor", threads)
-    decoder = FastDecoder(model, context_length=2048, config=config)
+    graphs: tuple[Graph, ...] = ("one", "mulsum", "matmul_wx", "matmul_xw")
+    decoder = FastDecoder(model, context_length=2048, config=config, graphs=graphs)
     decoder.start(print)
     if not decoder.wait():
         raise SystemExit(f"compiling failed: {decoder.failed}")
-    few, many = decoder.kernels
-    times: dict[str, dict[str, list[float]]] = {str(r): {"mulsum": [], "matmul": []} for r in ROWS}
+    times: dict[str, dict[str, list[float]]] = {str(r): {} for r in ROWS}
     with torch.inference_mode():
         for _ in range(args.rounds):
             for rows in ROWS:
@@ -55,19 +62,20 @@ def main() -> None:
                     torch.ones(rows, WIDTH, dtype=torch.bool),
                     kv,
                 )
-                for name, fn in (("mulsum", few), ("matmul", many)):
-                    if name == "matmul" and rows == 1:
-                        continue  # the matmul graph is traced for 2+ rows only
+                # One row has a graph of its own (multiply-and-sum); the others take 2+.
+                for graph in ("one",) if rows == 1 else graphs[1:]:
+                    fn = decoder.graph(graph)
                     fn(*inputs)
                     started = time.perf_counter()
                     for _ in range(5):
                         fn(*inputs)
-                    times[str(rows)][name].append(1000 * (time.perf_counter() - started) / 5)
-    ms = {r: {k: round(statistics.median(v), 2) for k, v in d.items() if v} for r, d in times.items()}
-    crossover = next((int(r) for r, d in ms.items() if "matmul" in d and d["matmul"] < d["mulsum"]), None)
+                    name = "mulsum" if graph == "one" else graph
+                    times[str(rows)].setdefault(name, []).append(1000 * (time.perf_counter() - started) / 5)
+    ms = {r: {k: round(statistics.median(v), 2) for k, v in d.items()} for r, d in times.items()}
+    fastest = {r: min(d, key=d.__getitem__) for r, d in ms.items()}
     for r, d in ms.items():
-        print(f"{r:>3} rows: " + ", ".join(f"{k} {v:.1f} ms" for k, v in d.items()))
-    print(json.dumps({"weight_dtype": args.weight_dtype, "ms": ms, "crossover_rows": crossover}))
+        print(f"{r:>3} rows: " + ", ".join(f"{k} {v:.1f} ms" for k, v in d.items()) + f"  -> {fastest[r]}")
+    print(json.dumps({"weight_dtype": args.weight_dtype, "ms": ms, "fastest": fastest}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Compiling and loading the fast decode step (`fast_step.LlamaDecodeStep`) with
-inductor: three graphs (one row, a few rows, many rows), each traced once with dynamic
-batch and cache sizes, on a background thread while the bot answers with the HF
-forward. A cold inductor cache is filled by a child process first (``python -m
-bot.model.hf.fast_decoder``), so that quitting never waits inside torch's C++ code.
+inductor: a graph per kernel that some batch size uses (see `fast_step.KERNELS`), and
+one row's on its own, each traced once with dynamic batch and cache sizes, on a
+background thread while the bot answers with the HF forward. A cold inductor cache is
+filled by a child process first (``python -m bot.model.hf.fast_decoder``), so that
+quitting never waits inside torch's C++ code.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from typing import Any, Literal
 import torch
 
 from bot.model.hf import fast_step
-from bot.model.hf.fast_step import Graph, LlamaDecodeStep, WeightDtype, graph_for
+from bot.model.hf.fast_step import (
+    KERNELS,
+    Graph,
+    Kernel,
+    LlamaDecodeStep,
+    WeightDtype,
+    graph_for,
+    weight_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,28 +87,47 @@ def _code_version() -> str:
 
 
 class FastDecoder:
-    """The compiled decode step for one model: a graph for one row and one for a few
-    rows (multiply-and-sum), and one for many rows (matmul); batch and length
-    dimensions are dynamic. `start` compiles them on a background thread, one user's
-    graph first; a batch whose graph is not ready yet takes the HF forward."""
+    """The compiled decode step for one model: a graph per kernel that some batch size
+    uses (`fast_step.KERNELS`; all of `graphs`, when given), with one row's
+    multiply-and-sum on its own; batch and length dimensions are dynamic. `start`
+    compiles them on a background thread, one user's graph first; a batch whose graph
+    is not ready yet takes the HF forward."""
 
-    def __init__(self, model: Any, *, context_length: int, config: FastStepConfig, compiled: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        context_length: int,
+        config: FastStepConfig,
+        compiled: bool = True,
+        graphs: Sequence[Graph] = (),
+    ) -> None:
         self.config = config
-        self._few = LlamaDecodeStep(
-            model, context_length=context_length, weight_dtype=config.weight_dtype, kernel="mulsum"
-        )
-        self._many = LlamaDecodeStep(
-            model,
-            context_length=context_length,
-            weight_dtype=config.weight_dtype,
-            kernel="matmul",
-            shared=self._few,
-        )
+        # Every graph some batch size takes, in the order of the row counts they serve.
+        starts = sorted({1, 2, *(start for start, _ in KERNELS[config.weight_dtype])})
+        wanted = list(graphs) or [graph_for(rows, config.weight_dtype) for rows in starts]
+        self._graphs: tuple[Graph, ...] = tuple(dict.fromkeys(wanted))
+        # One step module per kernel; the matmul kernels share the model's float32 weights.
+        self._steps: dict[Kernel, LlamaDecodeStep] = {}
+        for graph in self._graphs:
+            kernel: Kernel = "mulsum" if graph == "one" else graph
+            if kernel not in self._steps:
+                store = weight_store(kernel, config.weight_dtype)
+                shared = next((step for step in self._steps.values() if step.store == store), None)
+                self._steps[kernel] = LlamaDecodeStep(
+                    model,
+                    context_length=context_length,
+                    weight_dtype=config.weight_dtype,
+                    kernel=kernel,
+                    shared=shared,
+                )
         self._compiled = compiled
-        self._few_fn: Callable[..., Any] = self._few
-        self._many_fn: Callable[..., Any] = self._many
+        # The callable per graph: the eager module until its compiled graph is loaded.
+        self._fns: dict[Graph, Callable[..., Any]] = {
+            g: self._steps["mulsum" if g == "one" else g] for g in self._graphs
+        }
         # Set once a graph is traced and loaded; read by the scheduler thread.
-        self._ready: dict[Graph, threading.Event] = {g: threading.Event() for g in ("one", "few", "many")}
+        self._ready: dict[Graph, threading.Event] = {g: threading.Event() for g in self._graphs}
         self.failed: str | None = None
         """Why compiling failed (the engine then stays on the HF forward), or None."""
         self._thread: threading.Thread | None = None
@@ -123,16 +151,15 @@ class FastDecoder:
         """True when the graph for a batch of `rows` is ready."""
         return self._ready[graph_for(rows, self.config.weight_dtype)].is_set()
 
-    @property
-    def kernels(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        """The few-row (multiply-and-sum) and many-row (matmul) steps, compiled once ready."""
-        return self._few_fn, self._many_fn
+    def graph(self, graph: Graph) -> Callable[..., Any]:
+        """The step of `graph` (one of those compiled here): compiled once it is ready."""
+        return self._fns[graph]
 
     def wait(self, timeout: float | None = None, graph: Graph | None = None) -> bool:
         """Block until every graph (or just `graph`) is ready, compiling has failed, or
         `timeout` has passed; True when it is ready."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for name in (graph,) if graph is not None else ("one", "few", "many"):
+        for name in (graph,) if graph is not None else self._graphs:
             while not self._ready[name].is_set():
                 if self._thread is None or not self._thread.is_alive():
                     return self._ready[name].is_set()
@@ -165,7 +192,7 @@ class FastDecoder:
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        fn = self._many_fn if graph_for(int(ids.shape[0]), self.config.weight_dtype) == "many" else self._few_fn
+        fn = self._fns[graph_for(int(ids.shape[0]), self.config.weight_dtype)]
         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = fn(ids, positions, mask, list(kv))
         return out
 
@@ -213,23 +240,16 @@ class FastDecoder:
     def _load_graphs(self, say: Callable[[str], None], done: str = "Loaded") -> None:
         configure_inductor(self.config.cache_dir)
         torch.set_num_threads(self.config.threads)
-        few = torch.compile(self._few, fullgraph=True)
-        many = torch.compile(self._many, fullgraph=True)
-        plan: list[tuple[Graph, Callable[..., Any], int, str]] = [
-            ("one", few, 1, "one-row"),
-            ("few", few, _TRACE_ROWS, "few-row"),
-            ("many", many, _TRACE_ROWS, "many-row"),
-        ]
-        for graph, fn, rows, name in plan:
+        compiled = {kernel: torch.compile(step, fullgraph=True) for kernel, step in self._steps.items()}
+        for graph in self._graphs:
             if self._stopping:
                 return
             t = time.perf_counter()
-            _trace(fn, self._few, rows)
-            if graph == "many":
-                self._many_fn = many
-            else:
-                self._few_fn = few
+            kernel: Kernel = "mulsum" if graph == "one" else graph
+            _trace(compiled[kernel], self._steps[kernel], 1 if graph == "one" else _TRACE_ROWS)
+            self._fns[graph] = compiled[kernel]
             self._ready[graph].set()
+            name = "one-row" if graph == "one" else graph.replace("_", " ")
             say(f"{done} the {name} decode step in {time.perf_counter() - t:.1f} s")
 
 

@@ -5,8 +5,8 @@ Why: on a CPU, one user's decode step is bound by how fast the weights are read.
 PyTorch's float32 matrix-vector product reads them at about 10 GB/s here; the same
 product written as an elementwise multiply followed by a sum over the input dimension
 becomes an inductor-generated kernel that reads 17-22 GB/s, and storing the weights as
-float16 (math in float32) halves the bytes. For many rows a plain matmul wins again
-(see `MATMUL_MIN_ROWS`). Measured figures: shared/notes/decode-speed-on-cpu.md and
+float16 (math in float32) halves the bytes. For several rows a matmul wins again (see
+`KERNELS`). Measured figures: shared/notes/decode-speed-on-cpu.md and
 `bench/single_user.py`.
 
 The step serves the engine's continuous batch as it is: left-padded rows, per-row
@@ -27,23 +27,46 @@ import torch
 
 WeightDtype = Literal["float32", "float16"]
 
-# From this many rows on, a matmul (float32 weights) beats the multiply-and-sum kernel,
-# by how the multiply-and-sum kernel stores its weights. It reads every weight once per
-# row, so float16's halved bytes keep it ahead for longer. Measured on 2 quiet EPYC
-# cores with SmolLM2-135M, 120 cached columns (bench/fast_step_crossover.py, median ms
-# per step, mulsum vs matmul): float32 8 rows 61 vs 57, 16 rows 121 vs 79, 32 rows 228
-# vs 119; float16 8 rows 40 vs 56, 12 rows 57 vs 63, 16 rows 72 vs 70, 32 rows 136 vs 95.
-MATMUL_MIN_ROWS: Final[Mapping[WeightDtype, int]] = {"float32": 8, "float16": 16}
+Kernel = Literal["mulsum", "matmul_wx", "matmul_xw"]
+"""How the step's matrix products run: "mulsum", multiply-and-sum kernels that stream
+the weights (stored as the weight dtype); "matmul_wx", ``(w @ x.T).T``, and "matmul_xw",
+``x @ w.T``: the same float32 product through MKL with the weights as the left or the
+right operand, which MKL runs at very different speeds depending on the row count."""
+
+# The kernel for each batch size: (from this many rows, kernel). Measured on 2 EPYC
+# cores with SmolLM2-135M, 120 cached columns, all compiled in one process and timed
+# interleaved (ms per step; bench/fast_step_crossover.py and tests' figures in the
+# README). float32: 2 rows mulsum 28, w@x 26, x@w 86; 4 rows 38, 31, 66; 8 rows 69, 73,
+# 63; 12 rows 125, 91, 77; 16 rows 122, 78, 111; 32 rows 240, 110, 143. float16 weights
+# against w@x: 2 rows 17 vs 36; 8 rows 60 vs 75; 12 rows 76 vs 104; 16 rows 116 vs 98;
+# 32 rows 173 vs 115. Multiply-and-sum reads every weight once per row; MKL's x@w is
+# slow below 8 rows (a matrix-vector product per row) and w@x from 8 to 12.
+KERNELS: Final[Mapping[WeightDtype, tuple[tuple[int, Kernel], ...]]] = {
+    "float32": ((1, "mulsum"), (2, "matmul_wx"), (8, "matmul_xw"), (13, "matmul_wx")),
+    "float16": ((1, "mulsum"), (16, "matmul_wx")),
+}
 
 _FAMILY = frozenset({"llama", "mistral"})
 
-Graph = Literal["one", "few", "many"]
-"""The compiled graphs: one row and few rows (multiply-and-sum), many rows (matmul)."""
+Graph = Literal["one", "mulsum", "matmul_wx", "matmul_xw"]
+"""The compiled graphs: one per kernel, and one row's multiply-and-sum on its own (a
+dimension of size 1 is specialised)."""
+
+
+def kernel_for(rows: int, weight_dtype: WeightDtype) -> Kernel:
+    """Which kernel serves a batch of `rows`."""
+    return next(kernel for start, kernel in reversed(KERNELS[weight_dtype]) if rows >= start)
+
+
+def weight_store(kernel: Kernel, weight_dtype: WeightDtype) -> torch.dtype:
+    """How `kernel` stores the weights: multiply-and-sum as `weight_dtype`, a matmul as
+    float32 (the model's own tensors)."""
+    return torch.float16 if kernel == "mulsum" and weight_dtype == "float16" else torch.float32
 
 
 def graph_for(rows: int, weight_dtype: WeightDtype) -> Graph:
     """Which graph serves a batch of `rows`."""
-    return "one" if rows == 1 else "few" if rows < MATMUL_MIN_ROWS[weight_dtype] else "many"
+    return "one" if rows == 1 else kernel_for(rows, weight_dtype)
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -72,8 +95,8 @@ def unsupported_reason(model: Any) -> str | None:
 
 class LlamaDecodeStep(torch.nn.Module):
     """One decode step for every row of the batch, with weights taken from a loaded HF
-    Llama-family model. ``kernel`` is "mulsum" (weights as `weight_dtype`, products as
-    multiply-and-sum) or "matmul" (the model's own float32 weights, products as matmul)."""
+    Llama-family model. With the "mulsum" `Kernel` the weights are stored as
+    `weight_dtype`; the matmul kernels use the model's own float32 weights."""
 
     def __init__(
         self,
@@ -81,9 +104,10 @@ class LlamaDecodeStep(torch.nn.Module):
         *,
         context_length: int,
         weight_dtype: WeightDtype,
-        kernel: Literal["mulsum", "matmul"],
+        kernel: Kernel,
         shared: LlamaDecodeStep | None = None,
     ) -> None:
+        """`shared`: a step whose weights this one reuses when both store them alike."""
         super().__init__()
         config = model.config
         inner = model.model
@@ -94,7 +118,8 @@ class LlamaDecodeStep(torch.nn.Module):
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
         self.scale = self.head_dim**-0.5
         self.eps = float(config.rms_norm_eps)
-        store = torch.float16 if kernel == "mulsum" and weight_dtype == "float16" else torch.float32
+        store = weight_store(kernel, weight_dtype)
+        self.store = store
 
         def weight(t: torch.Tensor) -> torch.Tensor:
             t = t.detach()
@@ -107,7 +132,7 @@ class LlamaDecodeStep(torch.nn.Module):
         self.embed = inner.embed_tokens.weight.detach().float()
         self.lm_head: torch.Tensor
         self.layers: list[tuple[torch.Tensor, ...]]
-        if shared is not None and shared.lm_head.dtype == store:
+        if shared is not None and shared.store == store:
             self.lm_head = shared.lm_head
             self.layers = shared.layers
         else:
@@ -136,7 +161,9 @@ class LlamaDecodeStep(torch.nn.Module):
         self.sin = sin[0].float().contiguous()
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "matmul":
+        if self.kernel == "matmul_wx":
+            return (w @ x.t()).t()
+        if self.kernel == "matmul_xw":
             return x @ w.t()
         # [rows, in] x [out, in] -> [rows, out]: inductor turns this into one reduction
         # kernel that streams the weights (converting float16 in registers).

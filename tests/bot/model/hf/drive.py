@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from bot.events import ChatTurn
 from bot.model.hf import HFEngine
@@ -87,3 +88,30 @@ def reference_greedy(model_dir: Path, prompt: Sequence[int], n: int) -> list[int
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False
         )
     return [int(t) for t in out[0, len(prompt) :]]
+
+
+def tiny_llama(tokenizer_dir: Path, heads: int, kv_heads: int, head_dim: int, tied: bool) -> Any:
+    """A random 3-layer Llama (with the test tokenizer) of the given attention shape."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(heads * 100 + kv_heads * 10 + head_dim)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+        initializer_range=0.3,  # peaked logits: no near-ties between greedy candidates
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model: Any = LlamaForCausalLM(config)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    return model, tokenizer

@@ -13,7 +13,29 @@ import pytest
 
 from bot.errors import ModelLoadError
 from bot.model.hf import HFEngine, load_engine
-from tests.bot.model.hf.drive import GREEDY, QUESTIONS, chat_prompt, reference_greedy, run_alone, run_batch
+from tests.bot.model.hf.drive import (
+    GREEDY,
+    QUESTIONS,
+    chat_prompt,
+    reference_greedy,
+    run_alone,
+    run_batch,
+    tiny_llama,
+)
+
+
+@pytest.mark.parametrize("weight_dtype", ["float32", "float16"])
+def test_every_batch_size_has_a_graph(tiny_gpt2_dir: Path, tmp_path: Path, weight_dtype: str) -> None:
+    from bot.model.hf.fast_decoder import FastDecoder, FastStepConfig
+    from bot.model.hf.fast_step import KERNELS, graph_for, kernel_for
+
+    model, _ = tiny_llama(tiny_gpt2_dir, 4, 2, 16, False)
+    config = FastStepConfig("auto", weight_dtype, tmp_path, 1)  # type: ignore[arg-type]
+    decoder = FastDecoder(model, context_length=128, config=config, compiled=False)
+    for rows in range(1, max(start for start, _ in KERNELS[config.weight_dtype]) + 2):
+        assert decoder.usable(rows), rows
+        step = decoder.graph(graph_for(rows, config.weight_dtype))
+        assert step.kernel == kernel_for(rows, config.weight_dtype)  # type: ignore[attr-defined]
 
 
 def test_architectures_outside_the_llama_family_take_the_hf_path(
@@ -86,18 +108,19 @@ def test_compiled_step_runs_past_the_spare_cache_columns_without_recompiling(com
 @pytest.mark.model
 @pytest.mark.timeout(COMPILE_TIMEOUT)
 def test_compiled_step_batch_with_late_joiners_matches_each_alone(compiled_engine: HFEngine) -> None:
-    from bot.model.hf.fast_step import MATMUL_MIN_ROWS
+    from bot.model.hf.fast_step import KERNELS, graph_for
 
-    matmul_min_rows = MATMUL_MIN_ROWS["float32"]  # the compiled engine's weights
+    # Rows: `base`, two joining between steps (crossing into the last kernel's range),
+    # then the two late joiners alone at the end, then the last one: every float32 graph.
+    base = KERNELS["float32"][-1][0] - 2
+    counts = {base, base + 1, base + 2, 2, 1}
+    assert {graph_for(r, "float32") for r in counts} == {"one", *(k for start, k in KERNELS["float32"] if start > 1)}
     topics = ["the sea", "a cat", "spring", "a robot", "a village", "a library", "rain", "a train", "the moon"]
     questions = [f"{verb} {topic}." for verb in ("Describe", "Praise", "Explain") for topic in topics]
-    assert len(questions) >= matmul_min_rows + 2
-    prompts = {i: chat_prompt(compiled_engine, q) for i, q in enumerate(questions[: matmul_min_rows + 2])}
+    prompts = {i: chat_prompt(compiled_engine, q) for i, q in enumerate(questions[: base + 2])}
     n = 12
     alone = {i: run_alone(compiled_engine, p, n) for i, p in prompts.items()}
-    # The matmul kernel while the first rows run (with two joining between steps), then
-    # multiply-and-sum for the two late joiners left at the end.
-    late = {matmul_min_rows: 3, matmul_min_rows + 1: 6}
+    late = {base: 3, base + 1: 6}
     together = run_batch(compiled_engine, {i: (p, GREEDY) for i, p in prompts.items()}, n, join_at=late)
     assert together == alone
 

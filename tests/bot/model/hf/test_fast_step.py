@@ -1,5 +1,5 @@
 """The fast decode step (bot/model/hf/fast_step.py): its maths against the transformers
-forward on tiny random Llama models built here (run eagerly: the same code inductor
+forward on tiny random Llama models (run eagerly: the same code inductor
 compiles; `test_fast_decoder` runs it compiled with the real default model)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from bot.events import ChatTurn
 from bot.model.hf import HFEngine
-from tests.bot.model.hf.drive import GREEDY, run_alone, run_batch
+from tests.bot.model.hf.drive import GREEDY, run_alone, run_batch, tiny_llama
 
 # (query heads, key/value heads, head size, tied embeddings)
 TINY_LLAMAS = [
@@ -20,32 +20,6 @@ TINY_LLAMAS = [
     pytest.param(8, 2, 8, False, id="gqa4-hd8-untied"),
     pytest.param(6, 3, 64, True, id="gqa-hd64-tied"),
 ]
-
-
-def _tiny_llama(tokenizer_dir: Path, heads: int, kv_heads: int, head_dim: int, tied: bool) -> Any:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(heads * 100 + kv_heads * 10 + head_dim)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=128,
-        tie_word_embeddings=tied,
-        initializer_range=0.3,  # peaked logits: no near-ties between greedy candidates
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model: Any = LlamaForCausalLM(config)
-    model.eval()
-    model.generation_config.eos_token_id = None
-    return model, tokenizer
 
 
 def _engine(model: Any, tokenizer: Any, tmp_path: Path, weight_dtype: str = "float32") -> HFEngine:
@@ -87,7 +61,7 @@ def test_tiny_llama_step_logits_match_the_transformers_forward(
 
     from bot.model.hf.fast_step import LlamaDecodeStep
 
-    model, _ = _tiny_llama(tiny_gpt2_dir, heads, kv_heads, head_dim, tied)
+    model, _ = tiny_llama(tiny_gpt2_dir, heads, kv_heads, head_dim, tied)
     step = LlamaDecodeStep(model, context_length=128, weight_dtype="float32", kernel=kernel)  # type: ignore[arg-type]
     torch.manual_seed(1)
     prompt = torch.randint(0, model.config.vocab_size, (3, 11))
@@ -114,7 +88,7 @@ def test_tiny_llama_step_logits_match_the_transformers_forward(
 def test_tiny_llama_greedy_is_identical_to_generate_alone_and_in_a_batch_with_late_joiners(
     tiny_gpt2_dir: Path, tmp_path: Path, heads: int, kv_heads: int, head_dim: int, tied: bool
 ) -> None:
-    model, tokenizer = _tiny_llama(tiny_gpt2_dir, heads, kv_heads, head_dim, tied)
+    model, tokenizer = tiny_llama(tiny_gpt2_dir, heads, kv_heads, head_dim, tied)
     engine = _engine(model, tokenizer, tmp_path)
     questions = ["Hello", "The quick brown fox jumps over the lazy dog.", "Paris is", "A small model"]
     prompts = {i: engine.render_chat("Be nice.", [ChatTurn("user", q)]) for i, q in enumerate(questions)}
@@ -128,7 +102,7 @@ def test_tiny_llama_greedy_is_identical_to_generate_alone_and_in_a_batch_with_la
 
 
 def test_float16_weights_tiny_llama_agree_with_float32(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
-    model, tokenizer = _tiny_llama(tiny_gpt2_dir, 4, 2, 16, False)
+    model, tokenizer = tiny_llama(tiny_gpt2_dir, 4, 2, 16, False)
     prompt = tokenizer.encode("Paris is the capital of")
     exact = run_alone(_engine(model, tokenizer, tmp_path, "float32"), prompt, 10)
     half = run_alone(_engine(model, tokenizer, tmp_path, "float16"), prompt, 10)
