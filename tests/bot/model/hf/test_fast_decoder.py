@@ -67,7 +67,7 @@ def test_bad_fast_step_settings_name_the_setting(
 
 # --------------------------------------------------------------------------- the default model, compiled
 
-# A cold compile of the three graphs takes minutes on 2 busy cores (once per session).
+# A cold compile of the graphs takes a minute or more on 2 busy cores (once per session).
 COMPILE_TIMEOUT = 1500
 
 
