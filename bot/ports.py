@@ -361,7 +361,8 @@ class Engine(Protocol):
         ...
 
     def remove(self, seq_ids: Sequence[int]) -> None:
-        """Drop finished or cancelled sequences and free their cache."""
+        """Drop finished or cancelled sequences and free their cache. If this raises,
+        every sequence is gone (the batch could not be shrunk)."""
         ...
 
 

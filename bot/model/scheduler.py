@@ -344,7 +344,12 @@ class Worker:
         try:
             self._engine.remove(seq_ids)
         except Exception:
-            logger.exception("engine.remove(%s) failed", seq_ids)
+            # The engine has dropped every sequence: the replies still running end now.
+            lost = [r for r in self._active.values() if not (r.finished or r.cancelled)]
+            logger.exception("engine.remove(%s) failed; failing %d running request(s)", seq_ids, len(lost))
+            self._active.clear()
+            self._set_active_count()
+            self._fail(lost, "the model failed during generation")
 
     def _set_active_count(self) -> None:
         # Ended streams stop counting before their rows are removed, so that a consumer

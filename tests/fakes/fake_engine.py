@@ -55,6 +55,8 @@ class FakeEngine:
       caller must add the others one by one to isolate the bad one.
     - ``fail_step_after``: `step` raises on every call after this many successful steps,
       until `fail_step_after` is set to None again (it is a plain attribute).
+    - ``fail_remove``: `remove` drops every sequence, then raises (as the real engine
+      does when it runs out of memory while shrinking its cache); a plain attribute.
     - ``stop_strings``, ``context_length``, ``byte_tokens``: see the module docstring.
 
     Records what it saw: ``added`` (prompt texts with markers, in admission order),
@@ -79,6 +81,7 @@ class FakeEngine:
         self.step_delay = step_delay
         self.fail_on = fail_on
         self.fail_step_after = fail_step_after
+        self.fail_remove = False
         self._stop_strings = tuple(stop_strings)
         self._context_length = context_length
         self.byte_tokens = byte_tokens
@@ -239,6 +242,9 @@ class FakeEngine:
         self._check_thread("remove")
         with self._lock:
             self.removed.append(list(seq_ids))
+            if self.fail_remove:
+                self._seqs.clear()
+                raise FakeEngineError("remove failed; every sequence is dropped")
             for seq_id in seq_ids:
                 if self._seqs.pop(seq_id, None) is not None:
                     self.removed_at_step[seq_id] = self.steps

@@ -25,7 +25,7 @@ from bot.errors import ModelLoadError, first_line
 from bot.model.hf.chat_template import ChatTokenizer
 from bot.model.hf.fast_decoder import FastDecoder, FastStepConfig, compiler_missing
 from bot.model.hf.fast_step import unsupported_reason
-from bot.model.hf.native import release_thread_pool, return_free_memory
+from bot.model.hf.native import release_thread_pool, return_big_buffers_when_freed, return_free_memory
 from bot.model.hf.runner import _DEFAULT_THREADS, HFEngine, LoadedFrom
 
 logger = logging.getLogger(__name__)
@@ -224,10 +224,12 @@ def load_engine(
         raise ModelLoadError("MODEL", f"{source.name} loads but cannot run: {first_line(exc)}") from None
     say(f"Loaded {source.name} in {time.perf_counter() - started:.1f} s")
     # From here on the scheduler thread runs the model: this thread's OpenMP workers
-    # would only slow its parallel regions down, and the weights the fast step replaced
-    # are free (see `native`).
+    # would only slow its parallel regions down, the weights the fast step replaced
+    # are free, and the KV cache's buffers should go back to the OS when freed (see
+    # `native`).
     release_thread_pool()
     return_free_memory()
+    return_big_buffers_when_freed()
     if fast is not None:
         fast.start(say)
     return engine

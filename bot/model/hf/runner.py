@@ -271,7 +271,8 @@ class HFEngine:
         return {row.seq_id: token for row, token in zip(self._rows, tokens, strict=True)}
 
     def remove(self, seq_ids: Sequence[int]) -> None:
-        """Drop rows (unknown ids are ignored) and shrink the cache to what is left."""
+        """Drop rows (unknown ids are ignored) and shrink the cache to what is left. If
+        shrinking fails (out of memory), every row is dropped and the error raised."""
         drop = set(seq_ids)
         keep = [i for i, row in enumerate(self._rows) if row.seq_id not in drop]
         if len(keep) == len(self._rows):
@@ -285,7 +286,13 @@ class HFEngine:
         with torch.inference_mode():
             index = torch.tensor(keep, dtype=torch.long, device=self._device)
             assert self._cache is not None
-            self._cache = keep_rows(self._cache, index, cut, self._context_length)
+            try:
+                self._cache = keep_rows(self._cache, index, cut, self._context_length)
+            except BaseException:
+                # Some layers are cut and others not (out of memory): the batch cannot
+                # continue, as after a failed step.
+                self._reset()
+                raise
             self._mask = self._mask[index, cut:]
             self._positions = self._positions[index]
             self._pending = self._pending[index]

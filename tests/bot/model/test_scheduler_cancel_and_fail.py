@@ -129,6 +129,18 @@ async def test_failing_step_fails_active_requests_and_the_worker_recovers() -> N
         assert worker.stats().active == 0
 
 
+async def test_failing_remove_fails_the_replies_still_running_and_the_worker_recovers() -> None:
+    engine = FakeEngine(step_delay=0.005, reply=lambda t: "x" * (2 if t == "short" else 100))
+    async with running(engine) as (worker, _):
+        engine.fail_remove = True  # the short reply's removal fails: the engine drops both
+        short, long = await asyncio.gather(reply(worker, "short"), reply(worker, "long"), return_exceptions=True)
+        assert short == "xx"
+        assert isinstance(long, GenerationError), long
+        assert engine.active == frozenset() and worker.stats().active == 0
+        engine.fail_remove = False
+        assert await reply(worker, "again") == "x" * 100
+
+
 class _DyingEngine(FakeEngine):
     """Its step raises something the scheduler does not expect to handle."""
 

@@ -71,9 +71,13 @@ def test_joined_rows_are_right_aligned_behind_zeros_and_kept_rows_lose_common_pa
     assert columns(values)[2] == [40.0, 50.0, 60.0]
     assert joined.capacity == 5
     assert batch.shape == (2, 2)  # the old cache is left as it was
+    before = joined.buffers()
     kept = keep_rows(joined, torch.tensor([0, 1]), cut=1, max_columns=5)
     assert columns(kept.kv()[0][0]) == [[1.0, 2.0], [0.0, 3.0]]
     assert kept.shape == (2, 2) and kept.capacity == 5
+    # In place, in new buffers: the old ones are no longer held (so they are freed).
+    assert kept is joined
+    assert all(new.data_ptr() != old.data_ptr() for new, old in zip(kept.buffers(), before, strict=True))
 
 
 # --------------------------------------------------------------------------- in the engine: a tiny GPT-2
