@@ -110,7 +110,7 @@ class FastDecoder:
         # One step module per kernel; the matmul kernels share the model's float32 weights.
         self._steps: dict[Kernel, LlamaDecodeStep] = {}
         for graph in self._graphs:
-            kernel: Kernel = "mulsum" if graph == "one" else graph
+            kernel = _kernel_of(graph)
             if kernel not in self._steps:
                 store = weight_store(kernel, config.weight_dtype)
                 shared = next((step for step in self._steps.values() if step.store == store), None)
@@ -123,9 +123,7 @@ class FastDecoder:
                 )
         self._compiled = compiled
         # The callable per graph: the eager module until its compiled graph is loaded.
-        self._fns: dict[Graph, Callable[..., Any]] = {
-            g: self._steps["mulsum" if g == "one" else g] for g in self._graphs
-        }
+        self._fns: dict[Graph, Callable[..., Any]] = {g: self._steps[_kernel_of(g)] for g in self._graphs}
         # Set once a graph is traced and loaded; read by the scheduler thread.
         self._ready: dict[Graph, threading.Event] = {g: threading.Event() for g in self._graphs}
         self.failed: str | None = None
@@ -245,12 +243,17 @@ class FastDecoder:
             if self._stopping:
                 return
             t = time.perf_counter()
-            kernel: Kernel = "mulsum" if graph == "one" else graph
+            kernel = _kernel_of(graph)
             _trace(compiled[kernel], self._steps[kernel], 1 if graph == "one" else _TRACE_ROWS)
             self._fns[graph] = compiled[kernel]
             self._ready[graph].set()
             name = "one-row" if graph == "one" else graph.replace("_", " ")
             say(f"{done} the {name} decode step in {time.perf_counter() - t:.1f} s")
+
+
+def _kernel_of(graph: Graph) -> Kernel:
+    """The kernel a graph runs (one row's is multiply-and-sum)."""
+    return "mulsum" if graph == "one" else graph
 
 
 def _trace(fn: Callable[..., Any], step: LlamaDecodeStep, rows: int) -> None:

@@ -35,8 +35,8 @@ right operand, which MKL runs at very different speeds depending on the row coun
 
 # The kernel for each batch size: (from this many rows, kernel). Measured on 2 EPYC
 # cores with SmolLM2-135M, 120 cached columns, all compiled in one process and timed
-# interleaved (ms per step; bench/fast_step_crossover.py and tests' figures in the
-# README). float32: 2 rows mulsum 28, w@x 26, x@w 86; 4 rows 38, 31, 66; 8 rows 69, 73,
+# interleaved (ms per step, bench/fast_step_crossover.py; the machine was shared, so
+# only the order is firm). float32: 2 rows mulsum 28, w@x 26, x@w 86; 4 rows 38, 31, 66; 8 rows 69, 73,
 # 63; 12 rows 125, 91, 77; 16 rows 122, 78, 111; 32 rows 240, 110, 143. float16 weights
 # against w@x: 2 rows 17 vs 36; 8 rows 60 vs 75; 12 rows 76 vs 104; 16 rows 116 vs 98;
 # 32 rows 173 vs 115. Multiply-and-sum reads every weight once per row; MKL's x@w is

@@ -3,9 +3,9 @@
 Each row's tokens sit right-aligned in the columns, with padding on the left (the
 runner's attention mask hides it). `join_rows` copies the batch and new rows into
 new buffers padded on the left to the longest row; `keep_rows` keeps some rows and
-drops the columns that became padding in every row, one layer at a time. So the cache holds (rows) x
-(longest row) columns, plus up to `SLACK_COLUMNS` spare ones that decode steps write
-into, and never more than the context length.
+drops the columns that became padding in every row, one layer at a time. So the cache
+holds (rows) x (longest row) columns, plus up to `SLACK_COLUMNS` spare ones that decode
+steps write into, and never more than the context length.
 """
 
 from __future__ import annotations
