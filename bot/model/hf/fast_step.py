@@ -21,7 +21,7 @@ one). `fast_decoder` compiles and loads the graphs.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 import torch
 
@@ -109,6 +109,8 @@ class LlamaDecodeStep(torch.nn.Module):
     ) -> None:
         """`shared`: a step whose weights this one reuses when both store them alike."""
         super().__init__()
+        if kernel not in get_args(Kernel):
+            raise ValueError(f"unknown kernel {kernel!r}")
         config = model.config
         inner = model.model
         self.kernel = kernel

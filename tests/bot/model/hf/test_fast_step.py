@@ -53,7 +53,7 @@ def _generate(model: Any, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "tied"), TINY_LLAMAS)
-@pytest.mark.parametrize("kernel", ["mulsum", "matmul"])
+@pytest.mark.parametrize("kernel", ["mulsum", "matmul_wx", "matmul_xw"])
 def test_tiny_llama_step_logits_match_the_transformers_forward(
     tiny_gpt2_dir: Path, heads: int, kv_heads: int, head_dim: int, tied: bool, kernel: str
 ) -> None:
