@@ -169,7 +169,7 @@ class FastDecoder:
 
     def start(self, progress: Callable[[str], None] | None = None) -> None:
         """Load the graphs on a thread of their own: seconds from a warm inductor cache.
-        A cold cache is first filled by a child process (minutes), so that the bot can
+        A cold cache is first filled by a child process (a minute or two), so the bot can
         exit at any time: a thread inside torch's C++ code when the interpreter exits
         aborts the process, a child is simply stopped (`stop`, also run at exit)."""
         if self._compiled and self._thread is None:
