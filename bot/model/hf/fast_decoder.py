@@ -212,7 +212,7 @@ class FastDecoder:
             logger.debug("Compiling the decode step failed", exc_info=True)
 
     def _compile_in_child(self, say: Callable[[str], None]) -> None:
-        say("Compiling the fast decode step in the background (first start: minutes; cached afterwards)")
+        say("Compiling the fast decode step in the background (first start: a minute or two; cached afterwards)")
         command = [sys.executable, "-m", "bot.model.hf.fast_decoder", *self.config.child_args]
         command += [self.config.weight_dtype, str(self.config.threads), str(self.config.cache_dir)]
         root = str(Path(__file__).resolve().parents[3])  # the child imports this package as we do

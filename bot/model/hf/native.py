@@ -33,20 +33,14 @@ def release_thread_pool() -> bool:
     """Free the calling thread's OpenMP workers (`omp_pause_resource_all`); the next
     parallel region on this thread starts them again. False when the process has no
     OpenMP runtime that offers it (then nothing changes)."""
-    try:
-        pause = ctypes.CDLL(None).omp_pause_resource_all
-    except (AttributeError, OSError):
-        logger.debug("No omp_pause_resource_all in this process; OpenMP pools stay as they are")
-        return False
-    pause.argtypes = [ctypes.c_int]
-    pause.restype = ctypes.c_int
-    return int(pause(_OMP_PAUSE_SOFT)) == 0
+    pause = _native(None, "omp_pause_resource_all", [ctypes.c_int], "OpenMP pools stay as they are")
+    return pause is not None and int(pause(_OMP_PAUSE_SOFT)) == 0
 
 
 def return_free_memory() -> bool:
     """Give the heap's free pages back to the OS (glibc's `malloc_trim`). False where
     there is no glibc (then nothing changes)."""
-    trim = _libc("malloc_trim", [ctypes.c_size_t], "freed memory stays with the allocator")
+    trim = _native(_LIBC, "malloc_trim", [ctypes.c_size_t], "freed memory stays with the allocator")
     if trim is None:
         return False
     trim(0)
@@ -57,16 +51,18 @@ def return_big_buffers_when_freed() -> bool:
     """Fix glibc's mmap threshold at 1 MiB (`mallopt`): buffers that size or bigger get
     their own mappings, which go back to the OS as soon as they are freed. Process-wide;
     False where there is no glibc (then nothing changes)."""
-    mallopt = _libc("mallopt", [ctypes.c_int, ctypes.c_int], "the allocator keeps its own thresholds")
+    mallopt = _native(_LIBC, "mallopt", [ctypes.c_int, ctypes.c_int], "the allocator keeps its own thresholds")
     return mallopt is not None and int(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) == 1
 
 
-def _libc(name: str, argtypes: list[Any], otherwise: str) -> Any:
-    """glibc's function `name` (returning int), or None (logged with `otherwise`) where
-    the C library has no such function."""
-    library = ctypes.util.find_library("c")
+_LIBC = ctypes.util.find_library("c") or ""
+
+
+def _native(library: str | None, name: str, argtypes: list[Any], otherwise: str) -> Any:
+    """The C function `name` (returning int) of `library` (None: what the process has
+    loaded already), or None (logged with `otherwise`) where there is no such function."""
     try:
-        function = getattr(ctypes.CDLL(library), name) if library else None
+        function = getattr(ctypes.CDLL(library), name) if library != "" else None
     except (AttributeError, OSError):
         function = None
     if function is None:
