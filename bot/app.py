@@ -131,6 +131,8 @@ async def serve(settings: Settings, adapters: Sequence[Adapter] | None = None, *
                     logger.error("%s stopped with an error", task.get_name(), exc_info=exc)
                     code = 1
             logger.info("shutting down")
+            if core.health is not None:
+                core.health.stopping = True
             # Replies in progress end with a note while the adapters can still deliver it.
             await core.manager.close()
             for task in tasks | {stopper}:

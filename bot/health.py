@@ -5,10 +5,10 @@ chat included).
 - `GET /healthz`: 200 while the process serves HTTP at all (a liveness probe). It is up
   from the start of `open_core`, so a slow first model load is not mistaken for a hang.
 - `GET /readyz`: 200 when the database answers (`Repository.ping`), the model is loaded
-  (local) or its server lists its models (`ModelBackend.models`), and every adapter is
-  `connected`; otherwise 503. Either way the JSON body names each check, e.g.
-  ``{"ready": false, "not_ready": ["database"], "checks": {"database": "StorageError: …",
-  "model": "ok", "adapter:telegram": "ok"}}``.
+  (local) or its server lists its models (`ModelBackend.models`), every adapter is
+  `connected`, and the bot is not shutting down; otherwise 503. Either way the JSON
+  body names each check, e.g. ``{"ready": false, "not_ready": ["database"], "checks":
+  {"database": "StorageError: …", "model": "ok", "adapter:telegram": "ok"}}``.
 - `GET /metrics`: `bot.metrics.Metrics` in the Prometheus text format.
 
 The checks of one `/readyz` run concurrently, each bounded by `CHECK_TIMEOUT`, so a
@@ -58,6 +58,9 @@ class HealthServer:
         self.repository: Repository | None = None
         self.model: ModelBackend | None = None
         self.adapters: Sequence[AdapterStatus] | None = None
+        self.stopping = False
+        """Set when the bot begins to shut down: from then on `/readyz` is 503, so a load
+        balancer sends nothing new while the replies in progress are wrapped up."""
         self._requested_port = port
         self._port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -116,6 +119,8 @@ class HealthServer:
         else:
             for adapter in self.adapters:
                 out[f"adapter:{adapter.name}"] = "ok" if adapter.connected else "not connected"
+        if self.stopping:
+            out["shutdown"] = "shutting down"
         return out
 
     async def _check_database(self) -> str:

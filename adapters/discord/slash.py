@@ -15,6 +15,8 @@ from bot.ports import CommandInfo
 SlashDispatch = Callable[[discord.Interaction[Any], str], Awaitable[None]]
 """Called with the interaction and the text command it stands for."""
 
+_Builder = Callable[[CommandInfo, SlashDispatch], app_commands.Command[Any, Any, None] | app_commands.Group]
+
 
 def _description(info: CommandInfo) -> str:
     # Discord refuses descriptions over 100 characters.
@@ -28,14 +30,20 @@ def build_command_tree(
     """Add a slash command for each of the core's commands; each one calls `dispatch`
     with the text command it stands for.
 
-    `/reset` and `/config` get options; any other command is a plain `/name`."""
+    Commands that take arguments (`/reset`, `/config`, `/usage`, `/export`, `/block`,
+    `/unblock`) get options; any other command is a plain `/name`. The options only
+    spell the text command: the core checks it (and who may run it) as it checks a
+    typed one."""
+    builders: dict[str, _Builder] = {
+        "reset": _reset_command,
+        "config": _config_group,
+        "usage": _usage_command,
+        "export": _export_command,
+        "block": _block_command,
+        "unblock": _block_command,
+    }
     for info in commands:
-        if info.name == "reset":
-            tree.add_command(_reset_command(info, dispatch))
-        elif info.name == "config":
-            tree.add_command(_config_group(info, dispatch))
-        else:
-            tree.add_command(_plain_command(info, dispatch))
+        tree.add_command(builders.get(info.name, _plain_command)(info, dispatch))
 
 
 def _plain_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.Command[Any, Any, None]:
@@ -59,6 +67,51 @@ def _reset_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.C
         await dispatch(interaction, " ".join(["/reset", *args]))
 
     return app_commands.Command(name="reset", description=_description(info), callback=callback)
+
+
+def _usage_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.Command[Any, Any, None]:
+    @app_commands.describe(user="Admins: this user's use today", reset="Admins: start this user's daily quota again")
+    async def callback(
+        interaction: discord.Interaction[Any], user: discord.User | None = None, reset: bool = False
+    ) -> None:
+        args = (["reset"] if reset else []) + ([str(user.id)] if user is not None else [])
+        await dispatch(interaction, " ".join(["/usage", *args]))
+
+    return app_commands.Command(name="usage", description=_description(info), callback=callback)
+
+
+def _export_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.Command[Any, Any, None]:
+    @app_commands.describe(user="Admins: export this user's conversation in this channel")
+    async def callback(interaction: discord.Interaction[Any], user: discord.User | None = None) -> None:
+        await dispatch(interaction, "/export" + (f" {user.id}" if user is not None else ""))
+
+    return app_commands.Command(name="export", description=_description(info), callback=callback)
+
+
+def _block_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.Command[Any, Any, None]:
+    """`/block` or `/unblock`: a user, this channel or this server (one of them; other
+    channels and servers by id with the text command)."""
+    verb = info.name
+
+    @app_commands.describe(
+        user=f"{verb.capitalize()} this user",
+        this_channel=f"{verb.capitalize()} this channel",
+        this_server=f"{verb.capitalize()} this server",
+    )
+    async def callback(
+        interaction: discord.Interaction[Any],
+        user: discord.User | None = None,
+        this_channel: bool = False,
+        this_server: bool = False,
+    ) -> None:
+        args = [str(user.id)] if user is not None else []
+        if this_channel:
+            args.append(f"chat:{interaction.channel_id}")
+        if this_server and interaction.guild_id is not None:
+            args.append(f"guild:{interaction.guild_id}")
+        await dispatch(interaction, " ".join([f"/{verb}", *args]))
+
+    return app_commands.Command(name=verb, description=_description(info), callback=callback)
 
 
 def _config_group(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.Group:

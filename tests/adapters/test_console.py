@@ -34,20 +34,35 @@ async def test_piped_lines_are_answered_in_order_until_end_of_input(harness: Har
 
 
 @pytest.mark.model
-def test_terminal_chat_subprocess_answers_resets_and_exits(
+def test_terminal_chat_subprocess_answers_at_a_first_start_and_quitting_stops_the_compile(
     default_engine: object, model_cache_dir: Path, tmp_path: Path
 ) -> None:
+    import psutil
+
+    # The de-quantized model without a compiled step: `echo … | make run` on a first start.
+    (model_dir,) = [p for p in model_cache_dir.iterdir() if (p / "config.json").is_file()]
+    cache = tmp_path / "cache"
+    fresh = cache / model_dir.name
+    fresh.mkdir(parents=True)
+    for file in model_dir.iterdir():
+        if file.is_file():
+            (fresh / file.name).symlink_to(file)
     env = {
-        "MODEL_CACHE_DIR": str(model_cache_dir),
+        "MODEL_CACHE_DIR": str(cache),
         "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
         "MAX_NEW_TOKENS": "24",
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": "INFO",
     }
     proc = run_bot_process(tmp_path, "What is the capital of France?\n/config\n/reset\n", env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Paris" in proc.stdout
     assert "max_new_tokens = 24" in proc.stdout
     assert "forgot our conversation (2 messages)" in proc.stdout
+    # It answered while the compile ran in the background, and stopped it on quitting.
+    assert "Compiling the fast decode step in the background" in proc.stderr
+    assert not list((fresh / "inductor").glob("compiled-*"))  # not finished, not marked
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(cache) in " ".join(p.info["cmdline"] or [])]
+    assert left == []
 
 
 async def test_the_same_line_after_a_restart_is_a_new_message(harness: Harness) -> None:

@@ -116,6 +116,48 @@ async def test_readyz_is_503_while_the_model_server_is_down(harness: Harness) ->
         await server.close()
 
 
+async def test_readyz_is_503_from_the_moment_shutdown_begins(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bot.app
+    from bot.ports import IncomingHandler
+    from tests.fakes.fake_engine import FakeEngine
+
+    monkeypatch.setattr(bot.app, "load_local_engine", lambda _settings: FakeEngine())
+    port = free_port()
+    readyz = f"http://127.0.0.1:{port}/readyz"
+    seen: dict[str, tuple[int, Any]] = {}
+
+    serving = asyncio.Event()
+
+    class Probe:
+        """ "waits" checks /readyz while it serves and again when it is stopped;
+        "finishes" ends the bot (as the terminal does at the end of its input)."""
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.connected = True
+
+        async def run(self, handler: IncomingHandler) -> None:
+            if self.name == "finishes":
+                await serving.wait()
+                return
+            seen["serving"] = await get(readyz)
+            serving.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                seen["stopping"] = await get(readyz)
+                raise
+
+    settings = harness.settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'serve.db'}", metrics_port=port)
+    code = await asyncio.wait_for(bot.app.serve(settings, [Probe("waits"), Probe("finishes")]), 30)
+    assert code == 0
+    assert seen["serving"][0] == 200
+    status, body = seen["stopping"]
+    assert (status, body["not_ready"], body["checks"]["shutdown"]) == (503, ["shutdown"], "shutting down")
+
+
 async def test_a_real_bot_process_serves_health_and_metrics(tmp_path: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -139,6 +139,8 @@ def load_engine(
     filled by a child process, then a background thread loads the graphs, while the
     engine already answers with the HF forward; the fast step takes over when ready
     (`HFEngine.wait_for_fast_step`). Its inductor cache sits next to the weights.
+    These defaults are the plain transformers path; the bot passes its settings
+    (`MODEL_COMPILE=auto`, `MODEL_WEIGHT_DTYPE=float16` unless configured).
     Raises `ModelLoadError` naming MODEL, MODEL_DTYPE, MODEL_DEVICE, MODEL_COMPILE or
     MODEL_WEIGHT_DTYPE.
     """

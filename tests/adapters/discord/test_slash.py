@@ -15,7 +15,7 @@ from tests.adapters.discord.conftest import EchoHandler, RunAdapter, World, asse
 from tests.conftest import Harness
 from tests.fakes.discord.rest import EPHEMERAL, LOADING
 from tests.fakes.discord.server import FakeDiscordServer
-from tests.fakes.discord.world import FakeInteraction
+from tests.fakes.discord.world import FakeInteraction, FakeUser
 from tests.fakes.echo_handler import TestHandler
 
 
@@ -31,6 +31,11 @@ async def test_every_core_command_is_synced_as_a_slash_command(server: FakeDisco
     key = next(o for o in config["set"]["options"] if o["name"] == "key")
     assert {c["value"] for c in key["choices"]} >= {"temperature", "system_prompt", "max_new_tokens"}
     assert {o["name"] for o in synced["reset"]["options"]} == {"user", "whole_channel"}
+    assert {o["name"] for o in synced["usage"]["options"]} == {"user", "reset"}
+    assert {o["name"] for o in synced["export"]["options"]} == {"user"}
+    for name in ("block", "unblock"):
+        assert {o["name"] for o in synced[name]["options"]} == {"user", "this_channel", "this_server"}
+    assert synced["help"]["options"] == []
     assert all(len(c["description"]) <= 100 for c in synced.values())
 
 
@@ -94,6 +99,31 @@ async def test_manage_server_members_may_reset_a_channel_but_not_see_stats(
     assert _answer(by_mod) == f"Done: the conversation of user {world.alice.id} in this chat was reset (2 messages)."
     assert _answer(stats) == "Only admins can do that."  # /stats is for bot admins only
     assert _answer(own).startswith("Done: I forgot our conversation")
+
+
+async def test_block_usage_and_export_take_their_arguments_as_options(
+    server: FakeDiscordServer, world: World, run_adapter: RunAdapter, harness: Harness
+) -> None:
+    async def use(by: FakeUser, name: str, **options: str | bool | FakeUser) -> str:
+        used = await server.user_uses_slash_command(world.general, by, name, options=options)
+        await server.wait_for(lambda: bool(_answer(used)))
+        return _answer(used)
+
+    alice, admin = world.alice, world.bot_admin
+    async with harness.manager(admin_ids=f"discord:{admin.id}") as manager, run_adapter(manager):
+        assert await use(alice, "export", user=world.bob) == "Only admins can do that."
+        assert (
+            await use(admin, "block", user=alice) == f"Blocked discord:{alice.id}: I ignore their messages from now on."
+        )
+        await server.user_sends(world.general, alice, f"{server.bot.mention} hello?")
+        assert f"discord:{alice.id}'s use today" in await use(admin, "usage", user=alice)
+        assert await use(admin, "unblock", user=alice) == f"Unblocked discord:{alice.id}."
+        assert await use(admin, "block", this_channel=True) == (
+            f"Blocked discord:chat:{world.general.id}: I ignore their messages from now on."
+        )
+        assert await use(admin, "unblock", this_server=True) == f"discord:guild:{world.guild.id} was not blocked."
+        assert (await use(admin, "block")).startswith("Usage: /block <user id>")  # nothing chosen
+    assert server.bot_texts(world.general) == []  # blocked alice got no answer
 
 
 async def test_bot_admin_gets_stats_in_a_direct_message(

@@ -8,7 +8,15 @@ import torch
 
 from bot.events import ChatTurn
 from bot.model.hf import HFEngine
-from bot.model.hf.kv_cache import SLACK_COLUMNS, SlackCache, SlackLayer, join_rows, keep_rows, with_slack
+from bot.model.hf.kv_cache import (
+    MIN_SLACK_COLUMNS,
+    SLACK_COLUMNS,
+    SlackCache,
+    SlackLayer,
+    join_rows,
+    keep_rows,
+    with_slack,
+)
 from tests.bot.model.hf.drive import GREEDY, reference_greedy, run_alone, run_batch
 
 
@@ -22,9 +30,11 @@ def columns(tensor: torch.Tensor) -> list[list[float]]:
     return [[float(x) for x in row] for row in tensor[:, 0, :, 0]]
 
 
-def test_slack_leaves_room_within_the_limit() -> None:
-    assert with_slack(10, 1000) == 10 + SLACK_COLUMNS
-    assert with_slack(10, 30) == 30
+def test_slack_is_a_quarter_of_the_used_columns_within_bounds_and_the_limit() -> None:
+    assert with_slack(10, 1000) == 10 + MIN_SLACK_COLUMNS
+    assert with_slack(200, 1000) == 250
+    assert with_slack(900, 1000) == 900 + SLACK_COLUMNS
+    assert with_slack(10, 20) == 20
     assert with_slack(40, 30) == 40  # never less than what is used
 
 
@@ -46,7 +56,7 @@ def test_reserve_grows_a_full_cache_keeping_its_columns_and_leaves_a_roomy_one_a
     cache = SlackCache.from_buffers([(keys, values)], columns=2, max_columns=100)
     assert cache.capacity == 2  # full: the compiled step needs a spare column
     cache.reserve(3)
-    assert cache.capacity == 3 + SLACK_COLUMNS
+    assert cache.capacity == 3 + MIN_SLACK_COLUMNS
     ((used_keys, used_values),) = cache.kv()
     assert columns(used_keys) == [[1.0, 2.0]] and columns(used_values) == [[10.0, 20.0]]
     buffer = cache.buffers()[0]
@@ -64,7 +74,7 @@ def test_a_prefill_cache_grows_and_splits_into_its_prompts() -> None:
 def test_joined_rows_are_right_aligned_behind_zeros_and_kept_rows_lose_common_padding() -> None:
     batch = join_rows(None, [[kv([1.0, 2.0])], [kv([3.0])]], width=2, max_columns=100)
     assert batch.shape == (2, 2)
-    assert batch.capacity == 2 + SLACK_COLUMNS
+    assert batch.capacity == 2 + MIN_SLACK_COLUMNS
     joined = join_rows(batch, [[kv([4.0, 5.0, 6.0])]], width=3, max_columns=5)
     ((keys, values),) = joined.kv()
     assert columns(keys) == [[0.0, 1.0, 2.0], [0.0, 0.0, 3.0], [4.0, 5.0, 6.0]]

@@ -62,6 +62,26 @@ def test_failed_add_adds_none_of_the_requests(gpt2: HFEngine) -> None:
     assert gpt2.step() == {}  # nothing is active
 
 
+def test_the_heap_goes_back_to_the_os_when_the_batch_empties_not_while_rows_remain(
+    gpt2: HFEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bot.model.hf import runner
+
+    trims: list[int] = []
+
+    def trim() -> bool:
+        trims.append(len(gpt2.step()))  # rows still in the batch when memory is handed back
+        return True
+
+    monkeypatch.setattr(runner, "return_free_memory", trim)
+    prompt = gpt2.encode("Hello there")
+    gpt2.add([(1, prompt, GREEDY), (2, prompt, GREEDY)])
+    gpt2.remove([1])
+    assert trims == []  # row 2 still runs
+    gpt2.remove([2])
+    assert trims == [0]  # trimmed once the batch was empty
+
+
 def test_step_with_nothing_active_returns_nothing(gpt2: HFEngine) -> None:
     assert gpt2.step() == {}
 
