@@ -31,8 +31,8 @@ def with_slack(columns: int, max_columns: int) -> int:
     """Columns to allocate for `columns` used ones: room for a quarter more (at least
     `MIN_SLACK_COLUMNS`, at most `SLACK_COLUMNS`), within `max_columns`. Proportional,
     because short replies in a big batch are the common case: a fixed 64 spare columns
-    were 40% of the cache at 32 rows x 100 columns (90 MiB), and growing copies the cache
-    only once per a quarter of its width in steps."""
+    were 40% of the cache at 32 rows x 100 columns (90 MiB), while the copy that grows
+    the cache still comes at most once every width / 4 steps."""
     slack = min(SLACK_COLUMNS, max(MIN_SLACK_COLUMNS, columns // 4))
     return max(columns, min(columns + slack, max_columns))
 
