@@ -23,6 +23,9 @@ if str(ROOT) not in sys.path:
 from bot.config import Settings, default_cache_dir  # noqa: E402
 from bot.core import Core, open_core  # noqa: E402
 from bot.events import IncomingMessage  # noqa: E402
+from bot.model.native import share_heap_arenas  # noqa: E402
+
+share_heap_arenas()  # as `python -m bot` does first thing: the benchmarks measure the bot
 
 
 class TimingTarget:
@@ -157,7 +160,7 @@ class GenerateBaseline:
         """Greedy tokens (stopping at the end of turn, like the bot) and the seconds taken."""
         import torch
 
-        from bot.model.hf.native import release_thread_pool
+        from bot.model.native import release_thread_pool
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -176,7 +179,7 @@ class GenerateBaseline:
             seconds = time.perf_counter() - started
         finally:
             torch.set_num_threads(threads)
-            # This thread's OpenMP workers would slow the bot's own steps (see `bot.model.hf.native`).
+            # This thread's OpenMP workers would slow the bot's own steps (see `bot.model.native`).
             release_thread_pool()
         tokens = [int(t) for t in out[0, len(prompt) :]]
         return tokens, seconds

@@ -31,7 +31,7 @@ def main() -> None:
     from bot.config import default_cache_dir
     from bot.model.hf.fast_decoder import FastDecoder, FastStepConfig
     from bot.model.hf.fast_step import Graph
-    from bot.model.hf.native import release_thread_pool
+    from bot.model.native import release_thread_pool
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--weight-dtype", choices=["float32", "float16"], default="float16")
@@ -44,7 +44,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     model: Any = AutoModelForCausalLM.from_pretrained(cached[0])
     model.eval()
-    release_thread_pool()  # the loading thread's OpenMP workers (see bot/model/hf/native.py)
+    release_thread_pool()  # the loading thread's OpenMP workers (see bot/model/native.py)
     config = FastStepConfig("auto", args.weight_dtype, cached[0] / "inductor", threads)
     graphs: tuple[Graph, ...] = ("one", "mulsum", "matmul_wx", "matmul_xw")
     decoder = FastDecoder(model, context_length=2048, config=config, graphs=graphs)

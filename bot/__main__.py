@@ -12,6 +12,7 @@ import sys
 from bot.app import EXIT_CONFIG, serve
 from bot.config import load_settings
 from bot.errors import ConfigError
+from bot.model.native import share_heap_arenas
 
 logger = logging.getLogger("bot")
 
@@ -30,6 +31,7 @@ def configure_logging(level: str) -> None:
 
 def main() -> None:
     """Console entry point."""
+    share_heap_arenas()  # before any thread allocates (see `bot.model.native`)
     try:
         settings = load_settings()
     except ConfigError as exc:

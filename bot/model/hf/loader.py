@@ -25,8 +25,8 @@ from bot.errors import ModelLoadError, first_line
 from bot.model.hf.chat_template import ChatTokenizer
 from bot.model.hf.fast_decoder import FastDecoder, FastStepConfig, compiler_missing
 from bot.model.hf.fast_step import unsupported_reason
-from bot.model.hf.native import release_thread_pool, return_big_buffers_when_freed, return_free_memory
 from bot.model.hf.runner import _DEFAULT_THREADS, HFEngine, LoadedFrom
+from bot.model.native import release_thread_pool, return_big_buffers_when_freed, return_free_memory
 
 logger = logging.getLogger(__name__)
 

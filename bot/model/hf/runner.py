@@ -27,8 +27,8 @@ from bot.events import ChatTurn
 from bot.model.hf.chat_template import ChatTokenizer
 from bot.model.hf.fast_decoder import FastDecoder
 from bot.model.hf.kv_cache import KV, SlackCache, join_rows, keep_rows
-from bot.model.hf.native import return_free_memory
 from bot.model.hf.sampler import RowSampler, sample
+from bot.model.native import return_free_memory
 from bot.ports import SamplingParams
 
 if TYPE_CHECKING:
