@@ -15,10 +15,11 @@
   process stayed ~200 MB above what it used.
 - **Heap arenas.** glibc gives each thread that allocates its own heap (up to 8 per
   core), and each keeps its own free pages: the scheduler thread, the event loop, the
-  database and executor threads. Two shared between them, set at process start, cut
-  the peak at 16 users by 30-40 MB (`bench/throughput.py`: 1406-1407 MiB against
-  1430-1450); big buffers have their own mappings anyway, so the lock they share is
-  taken for small allocations only.
+  database and executor threads. Two shared between them, set at process start,
+  lowered the peak by about 20 MB (`bench/throughput.py`, float16 weights: 1406-1435
+  MiB at 16 users against 1430-1450, 1510-1518 at 32 against 1519-1560); big buffers
+  have their own mappings anyway, so the lock they share is taken for small
+  allocations only.
 """
 
 from __future__ import annotations
