@@ -3,13 +3,13 @@ command the core parses (`/config set temperature 0.5`)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import discord
 from discord import app_commands
 
-from bot.chat.session import SESSION_SETTINGS
+from bot.chat.session import CHAT_SETTINGS, SESSION_SETTINGS
 from bot.ports import CommandInfo
 
 SlashDispatch = Callable[[discord.Interaction[Any], str], Awaitable[None]]
@@ -115,26 +115,45 @@ def _block_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.C
 
 
 def _config_group(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.Group:
-    group = app_commands.Group(name="config", description=_description(info))
+    """`/config show|set|reset` for this session, and `/config chat show|set|reset` for
+    everybody in the channel (`enabled` among its keys)."""
+    group = _settings_group("config", _description(info), "/config", SESSION_SETTINGS, "this session", dispatch)
+    group.add_command(
+        _settings_group(
+            "chat", "Settings of everybody in this channel", "/config chat", CHAT_SETTINGS, "this channel", dispatch
+        )
+    )
+    return group
+
+
+def _settings_group(
+    name: str,
+    description: str,
+    text: str,
+    keys: Mapping[str, object],
+    whose: str,
+    dispatch: SlashDispatch,
+) -> app_commands.Group:
+    group = app_commands.Group(name=name, description=description)
 
     async def show(interaction: discord.Interaction[Any]) -> None:
-        await dispatch(interaction, "/config")
+        await dispatch(interaction, text)
 
     @app_commands.describe(key="The setting to change", value="Its new value")
-    @app_commands.choices(key=[app_commands.Choice(name=name, value=name) for name in SESSION_SETTINGS])
+    @app_commands.choices(key=[app_commands.Choice(name=key, value=key) for key in keys])
     async def set_(interaction: discord.Interaction[Any], key: str, value: str) -> None:
-        await dispatch(interaction, f"/config set {key} {value}")
+        await dispatch(interaction, f"{text} set {key} {value}")
 
     async def reset(interaction: discord.Interaction[Any]) -> None:
-        await dispatch(interaction, "/config reset")
+        await dispatch(interaction, f"{text} reset")
 
-    group.add_command(app_commands.Command(name="show", description="Show this session's settings", callback=show))
+    group.add_command(app_commands.Command(name="show", description=f"Show the settings of {whose}", callback=show))
     group.add_command(
-        app_commands.Command(name="set", description="Admins: change a setting of this session", callback=set_)
+        app_commands.Command(name="set", description=f"Admins: change a setting of {whose}", callback=set_)
     )
     group.add_command(
         app_commands.Command(
-            name="reset", description="Admins: put this session's settings back to the defaults", callback=reset
+            name="reset", description=f"Admins: put the settings of {whose} back to the defaults", callback=reset
         )
     )
     return group

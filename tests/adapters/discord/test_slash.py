@@ -27,9 +27,14 @@ async def test_every_core_command_is_synced_as_a_slash_command(server: FakeDisco
     synced = {c["name"]: c for c in server.synced_commands or []}
     assert set(synced) == {c.name for c in COMMANDS}
     config = {o["name"]: o for o in synced["config"]["options"]}
-    assert set(config) == {"show", "set", "reset"}
+    assert set(config) == {"show", "set", "reset", "chat"}
     key = next(o for o in config["set"]["options"] if o["name"] == "key")
     assert {c["value"] for c in key["choices"]} >= {"temperature", "system_prompt", "max_new_tokens"}
+    assert "enabled" not in {c["value"] for c in key["choices"]}  # a chat's setting only
+    chat = {o["name"]: o for o in config["chat"]["options"]}
+    assert set(chat) == {"show", "set", "reset"}
+    chat_key = next(o for o in chat["set"]["options"] if o["name"] == "key")
+    assert {c["value"] for c in chat_key["choices"]} >= {"enabled", "temperature"}
     assert {o["name"] for o in synced["reset"]["options"]} == {"user", "whole_channel"}
     assert {o["name"] for o in synced["usage"]["options"]} == {"user", "reset"}
     assert {o["name"] for o in synced["export"]["options"]} == {"user"}
@@ -74,6 +79,31 @@ async def test_config_set_is_refused_to_members_and_allowed_to_bot_admins(
     assert "temperature = 0.5 (set for this session)" in _answer(shown)
     for used in (refused, allowed, shown):
         assert used.callbacks[0]["data"]["flags"] & EPHEMERAL
+
+
+async def test_config_chat_switches_the_bot_off_in_a_channel_for_server_managers_only(
+    server: FakeDiscordServer, world: World, run_adapter: RunAdapter, harness: Harness
+) -> None:
+    async def config_chat(by: FakeUser, subcommand: str, **options: str) -> str:
+        used = await server.user_uses_slash_command(world.general, by, "config", subcommand=subcommand, options=options)
+        await server.wait_for(lambda: bool(_answer(used)))
+        return _answer(used)
+
+    off = {"key": "enabled", "value": "false"}
+    async with harness.manager() as manager, run_adapter(manager) as adapter:
+        assert await config_chat(world.alice, "chat set", **off) == "Only admins can do that."
+        assert (await config_chat(world.moderator, "chat set", **off)).startswith("I'm switched off in this chat")
+        await server.user_sends(world.general, world.alice, f"{server.bot.mention} hello?")
+        # Dispatched after the message, so once it is answered and nothing is in flight,
+        # the message has been handled.
+        assert "enabled = false" in await config_chat(world.moderator, "chat show")
+        await server.wait_for(lambda: adapter.in_flight == 0)
+        assert server.bot_texts(world.general) == []  # switched off: alice got no answer
+        assert await config_chat(world.moderator, "chat reset") == (
+            "This chat's settings are back to the defaults (and I answer here)."
+        )
+        await server.user_sends(world.general, world.alice, f"{server.bot.mention} hello again")
+        await server.wait_for(lambda: server.bot_texts(world.general) == ["Echo: hello again"])
 
 
 async def test_manage_server_members_may_reset_a_channel_but_not_see_stats(

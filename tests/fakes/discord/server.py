@@ -118,7 +118,8 @@ class FakeDiscordServer(FakeWorld):
         options: Mapping[str, str | int | bool | FakeUser] | None = None,
     ) -> FakeInteraction:
         """A user runs a synced slash command, e.g. `("config", subcommand="set",
-        options={"key": "temperature", "value": "0.5"})`."""
+        options={"key": "temperature", "value": "0.5"})`; a subcommand of a group is
+        named with its group (`subcommand="chat set"`)."""
         synced = {c["name"]: c for c in self.synced_commands or []}
         if name not in synced:
             raise AssertionError(f"/{name} was not synced; synced: {sorted(synced)}")
@@ -140,7 +141,10 @@ class FakeDiscordServer(FakeWorld):
             else:
                 opts.append({"name": key, "type": 3, "value": value})
         if subcommand is not None:
-            opts = [{"name": subcommand, "type": 1, "options": opts}]
+            *groups, leaf = subcommand.split()
+            opts = [{"name": leaf, "type": 1, "options": opts}]
+            for group in reversed(groups):
+                opts = [{"name": group, "type": 2, "options": opts}]
         command: Json = {"id": synced[name]["id"], "name": name, "type": 1, "options": opts}
         if resolved:
             command["resolved"] = resolved
