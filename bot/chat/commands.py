@@ -305,13 +305,14 @@ class CommandRunner:
         if not args:
             return await self._usage_text(event.platform, event.user_id, "Your")
         await self._require_admin(event, target, "conversation")
-        if args[0].lower() == "reset" and len(args) == 2:
+        resetting = args[0].lower() == "reset"
+        if len(args) != (2 if resetting else 1):  # `/usage reset` alone names nobody
+            raise CommandError("Usage: /usage, /usage <user id>, /usage reset <user id>")
+        if resetting:
             platform, user_id = self._user_ref(args[1], event)
             await self.policy.reset_usage(platform, user_id)
             logger.info("%s reset the usage of %s:%s", event.sender, platform, user_id)
             return f"Done: the use of {platform}:{user_id} today is reset; their quota starts again."
-        if len(args) != 1:
-            raise CommandError("Usage: /usage, /usage <user id>, /usage reset <user id>")
         platform, user_id = self._user_ref(args[0], event)
         return await self._usage_text(platform, user_id, f"{platform}:{user_id}'s")
 

@@ -121,6 +121,8 @@ async def test_usage_of_others_is_for_bot_admins(harness: Harness) -> None:
         )
         assert "a chat, not a user" in await room.answer("admin", "/usage telegram:chat:5")
         assert "Usage: /usage" in await room.answer("admin", "/usage a b c")
+        assert "Usage: /usage" in await room.answer("admin", "/usage reset")  # whose?
+        assert "Usage: /usage" in await room.answer("admin", "/usage u2 u3")
 
 
 # --------------------------------------------------------------------------- chat-wide settings
