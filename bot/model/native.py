@@ -60,19 +60,23 @@ def return_big_buffers_when_freed() -> bool:
     """Fix glibc's mmap threshold at 1 MiB (`mallopt`): buffers that size or bigger get
     their own mappings, which go back to the OS as soon as they are freed. Process-wide;
     False where there is no glibc (then nothing changes)."""
-    mallopt = _native(_LIBC, "mallopt", [ctypes.c_int, ctypes.c_int], "the allocator keeps its own thresholds")
-    return mallopt is not None and int(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) == 1
+    return _mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES, "the allocator keeps its own thresholds")
 
 
 def share_heap_arenas() -> bool:
     """Let glibc make at most two heap arenas (`mallopt`), shared by the threads that
     start allocating from now on (threads that have one keep it): call it first thing
     in the process. Process-wide; False where there is no glibc (then nothing changes)."""
-    mallopt = _native(_LIBC, "mallopt", [ctypes.c_int, ctypes.c_int], "every thread keeps its own heap")
-    return mallopt is not None and int(mallopt(_M_ARENA_MAX, _ARENAS)) == 1
+    return _mallopt(_M_ARENA_MAX, _ARENAS, "every thread keeps its own heap")
 
 
 _LIBC = ctypes.util.find_library("c") or ""
+
+
+def _mallopt(parameter: int, value: int, otherwise: str) -> bool:
+    """glibc's `mallopt(parameter, value)`; False where it is missing or refuses."""
+    mallopt = _native(_LIBC, "mallopt", [ctypes.c_int, ctypes.c_int], otherwise)
+    return mallopt is not None and int(mallopt(parameter, value)) == 1
 
 
 def _native(library: str | None, name: str, argtypes: list[Any], otherwise: str) -> Any:
