@@ -18,6 +18,11 @@ SlashDispatch = Callable[[discord.Interaction[Any], str], Awaitable[None]]
 _Builder = Callable[[CommandInfo, SlashDispatch], app_commands.Command[Any, Any, None] | app_commands.Group]
 
 
+def _named(user: discord.abc.User | None) -> list[str]:
+    """The text command's argument for a `user` option: the id, or nothing."""
+    return [str(user.id)] if user is not None else []
+
+
 def _description(info: CommandInfo) -> str:
     # Discord refuses descriptions over 100 characters.
     text = info.description.strip() or info.name
@@ -63,7 +68,7 @@ def _reset_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.C
     async def callback(
         interaction: discord.Interaction[Any], user: discord.User | None = None, whole_channel: bool = False
     ) -> None:
-        args = ([str(user.id)] if user is not None else []) + (["chat"] if whole_channel else [])
+        args = _named(user) + (["chat"] if whole_channel else [])
         await dispatch(interaction, " ".join(["/reset", *args]))
 
     return app_commands.Command(name="reset", description=_description(info), callback=callback)
@@ -74,7 +79,7 @@ def _usage_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.C
     async def callback(
         interaction: discord.Interaction[Any], user: discord.User | None = None, reset: bool = False
     ) -> None:
-        args = (["reset"] if reset else []) + ([str(user.id)] if user is not None else [])
+        args = (["reset"] if reset else []) + _named(user)
         await dispatch(interaction, " ".join(["/usage", *args]))
 
     return app_commands.Command(name="usage", description=_description(info), callback=callback)
@@ -83,7 +88,7 @@ def _usage_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.C
 def _export_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.Command[Any, Any, None]:
     @app_commands.describe(user="Admins: export this user's conversation in this channel")
     async def callback(interaction: discord.Interaction[Any], user: discord.User | None = None) -> None:
-        await dispatch(interaction, "/export" + (f" {user.id}" if user is not None else ""))
+        await dispatch(interaction, " ".join(["/export", *_named(user)]))
 
     return app_commands.Command(name="export", description=_description(info), callback=callback)
 
@@ -104,7 +109,7 @@ def _block_command(info: CommandInfo, dispatch: SlashDispatch) -> app_commands.C
         this_channel: bool = False,
         this_server: bool = False,
     ) -> None:
-        args = [str(user.id)] if user is not None else []
+        args = _named(user)
         if this_channel:
             args.append(f"chat:{interaction.channel_id}")
         if this_server and interaction.guild_id is not None:
